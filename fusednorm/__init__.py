@@ -1,0 +1,12 @@
+"""fusednorm: fused GroupNorm/LayerNorm + activation + Proxy Normalization for PyTorch."""
+from . import reference
+from .activations import ACTIVATIONS
+from .functional import BACKENDS, group_norm_act, group_norm_proxy_act, select_backend
+from .modules import GroupNormAct, GroupNormProxyAct
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS", "BACKENDS", "GroupNormAct", "GroupNormProxyAct", "group_norm_act",
+    "group_norm_proxy_act", "reference", "select_backend",
+]

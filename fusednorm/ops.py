@@ -1,0 +1,157 @@
+"""torch.library custom ops: schemas, fake implementations and autograd, in one place.
+
+Every fused backend implements the same pair of ops:
+
+  forward(x, weight, bias, proxy_bias?, proxy_weight?, num_groups, activation, slope, eps,
+          proxy_eps, num_proxy_samples, proxy) -> (y, mean, rstd)
+  backward(grad_out, x, weight, bias, proxy_bias?, proxy_weight?, mean, rstd, num_groups,
+           activation, slope, proxy_eps, num_proxy_samples, proxy)
+          -> (dx, dweight, dbias, dproxy_bias, dproxy_weight)
+
+``activation`` is an id of :mod:`fusednorm.activations`; mean/rstd are the per-(n, g) group
+statistics, (N, G) in fp32 (fp64 for fp64 input), the only thing the forward saves besides x.
+y and dx have x's dtype and memory format; parameter gradients have their parameter's dtype.
+
+- ``fusednorm_triton::forward/backward``: the Triton kernels, defined here with custom_op.
+- ``fusednorm::forward/backward``: the C++/CUDA extension; schemas declared in C++
+  (``csrc/fusednorm.cpp``), fake kernels and autograd registered here when it is built.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .proxy import proxy_samples
+
+try:
+    from .kernels import group_norm_proxy_act as _triton_kernels
+except ImportError as error:  # triton is not installed
+    _triton_kernels = None
+    TRITON_IMPORT_ERROR: Optional[ImportError] = error
+else:
+    TRITON_IMPORT_ERROR = None
+
+try:
+    from . import _C  # noqa: F401  (registers fusednorm::forward/backward through TORCH_LIBRARY)
+except ImportError as error:
+    EXTENSION_IMPORT_ERROR: Optional[ImportError] = error
+else:
+    EXTENSION_IMPORT_ERROR = None
+
+
+def _dense_layout(x: Tensor) -> Tensor:
+    """The layout every backend computes in and returns: x's own if contiguous or channels-last."""
+    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+        return x
+    return x.contiguous()
+
+
+def _stats_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton ops
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("fusednorm_triton::forward", mutates_args=())
+def triton_forward(x: Tensor, weight: Tensor, bias: Tensor, proxy_bias: Optional[Tensor],
+                   proxy_weight: Optional[Tensor], num_groups: int, activation: int, slope: float,
+                   eps: float, proxy_eps: float, num_proxy_samples: int,
+                   proxy: bool) -> tuple[Tensor, Tensor, Tensor]:
+    samples = proxy_samples(num_proxy_samples, dtype=_stats_dtype(x), device=x.device)
+    return _triton_kernels.forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
+                                   activation, slope, eps, proxy_eps, proxy)
+
+
+@torch.library.custom_op("fusednorm_triton::backward", mutates_args=())
+def triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
+                    proxy_bias: Optional[Tensor], proxy_weight: Optional[Tensor], mean: Tensor,
+                    rstd: Tensor, num_groups: int, activation: int, slope: float, proxy_eps: float,
+                    num_proxy_samples: int,
+                    proxy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    samples = proxy_samples(num_proxy_samples, dtype=_stats_dtype(x), device=x.device)
+    return _triton_kernels.backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples,
+                                    mean, rstd, num_groups, activation, slope, proxy_eps, proxy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake implementations and autograd, shared by every backend's pair of ops
+# ----------------------------------------------------------------------------------------------
+def _forward_fake(x, weight, bias, proxy_bias, proxy_weight, num_groups, activation, slope, eps,
+                  proxy_eps, num_proxy_samples, proxy):
+    y = torch.empty_like(_dense_layout(x))
+    mean = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
+    return y, mean, torch.empty_like(mean)
+
+
+def _backward_fake(grad_out, x, weight, bias, proxy_bias, proxy_weight, mean, rstd, num_groups,
+                   activation, slope, proxy_eps, num_proxy_samples, proxy):
+    dx = torch.empty_like(_dense_layout(x))
+    dproxy_bias = torch.empty_like(proxy_bias if proxy_bias is not None else weight)
+    dproxy_weight = torch.empty_like(proxy_weight if proxy_weight is not None else weight)
+    return dx, torch.empty_like(weight), torch.empty_like(bias), dproxy_bias, dproxy_weight
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, proxy_bias, proxy_weight, num_groups, activation, slope, eps, proxy_eps,
+     num_proxy_samples, proxy) = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, bias, proxy_bias, proxy_weight, mean, rstd)
+    ctx.config = (num_groups, activation, slope, proxy_eps, num_proxy_samples, proxy)
+
+
+def _autograd_backward(backward_op):
+    def backward(ctx, grad_y, grad_mean, grad_rstd):
+        x, weight, bias, proxy_bias, proxy_weight, mean, rstd = ctx.saved_tensors
+        dx, dweight, dbias, dproxy_bias, dproxy_weight = backward_op(
+            grad_y, x, weight, bias, proxy_bias, proxy_weight, mean, rstd, *ctx.config)
+        return (dx, dweight, dbias,
+                dproxy_bias if proxy_bias is not None else None,
+                dproxy_weight if proxy_weight is not None else None,
+                None, None, None, None, None, None, None)
+    return backward
+
+
+def _register_triton() -> None:
+    triton_forward.register_fake(_forward_fake)
+    triton_backward.register_fake(_backward_fake)
+    triton_forward.register_autograd(_autograd_backward(triton_backward),
+                                     setup_context=_setup_context)
+
+
+def _register_extension() -> None:
+    torch.library.register_fake("fusednorm::forward")(_forward_fake)
+    torch.library.register_fake("fusednorm::backward")(_backward_fake)
+    torch.library.register_autograd("fusednorm::forward",
+                                    _autograd_backward(torch.ops.fusednorm.backward.default),
+                                    setup_context=_setup_context)
+
+
+_register_triton()
+if EXTENSION_IMPORT_ERROR is None:
+    _register_extension()
+
+
+# ----------------------------------------------------------------------------------------------
+# What is available, for the dispatcher in functional.py
+# ----------------------------------------------------------------------------------------------
+def triton_available() -> bool:
+    return _triton_kernels is not None
+
+
+def extension_has_kernel(device_type: str) -> bool:
+    """Whether the C++ extension is built with a kernel for ``device_type`` ("cpu" or "cuda")."""
+    if EXTENSION_IMPORT_ERROR is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fusednorm::forward", key)
+
+
+def forward_op(backend: str):
+    """The forward custom op of a fused backend ("triton", "cpu" or "cuda")."""
+    if backend == "triton":
+        return torch.ops.fusednorm_triton.forward
+    return torch.ops.fusednorm.forward

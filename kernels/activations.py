@@ -1,0 +1,62 @@
+"""Activation value and derivative as Triton device functions.
+
+The ``ACT`` ids mirror ``fusednorm/activations.py``: 0 identity, 1 relu, 2 silu, 3 gelu (erf),
+4 gelu_tanh, 5 leaky_relu (``slope`` used only by 5). Both take and return the compute dtype.
+"""
+import triton
+import triton.language as tl
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_TANH_C = 0.044715
+
+
+@triton.jit
+def _sigmoid(z):
+    return 1.0 / (1.0 + tl.exp(-z))
+
+
+@triton.jit
+def _tanh(z):
+    # tanh via the logistic function: exact limits at +-inf, no libdevice (runs in the interpreter).
+    return 2.0 * _sigmoid(2.0 * z) - 1.0
+
+
+@triton.jit
+def act_value(z, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        # where(z < 0, 0, z) rather than maximum: keeps NaN as NaN
+        out = tl.where(z < 0, 0.0, z)
+    elif ACT == 2:
+        out = z * _sigmoid(z)
+    elif ACT == 3:
+        out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+    elif ACT == 4:
+        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
+    elif ACT == 5:
+        out = tl.where(z > 0, z, z * slope)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def act_grad(z, ACT: tl.constexpr, slope):
+    if ACT == 1:
+        out = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        sig = _sigmoid(z)
+        out = sig * (1.0 + z * (1.0 - sig))
+    elif ACT == 3:
+        cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2))
+        out = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif ACT == 4:
+        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+    elif ACT == 5:
+        # "+ 0 * z" keeps the select in z's dtype (a bare scalar select would round to fp32)
+        out = tl.where(z > 0, 1.0 + 0.0 * z, slope + 0.0 * z)
+    else:
+        out = z * 0.0 + 1.0
+    return out.to(z.dtype)
