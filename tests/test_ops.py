@@ -1,0 +1,99 @@
+"""torch.library registration: opcheck of the custom ops, torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+import fusednorm
+from fusednorm import activations, ops, reference
+from conftest import make_inputs, triton_device
+
+
+def _forward_args(x, params, proxy, activation=activations.SILU):
+    return (x, params["weight"], params["bias"], params.get("proxy_bias"),
+            params.get("proxy_weight"), 2, activation, 0.01, 1e-5, 0.03, 16, proxy)
+
+
+def _op_namespace(backend):
+    if backend == "triton":
+        return torch.ops.fusednorm_triton, triton_device()
+    if not ops.extension_has_kernel("cpu"):
+        pytest.skip("the C++ extension is not built (pip install --no-build-isolation -e .)")
+    return torch.ops.fusednorm, "cpu"
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("proxy,proxy_params", [(True, True), (True, False), (False, False)],
+                         ids=["pn+proxy_params", "pn", "no_pn"])
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+def test_opcheck_forward_and_backward(backend, proxy, proxy_params, channels_last):
+    namespace, device = _op_namespace(backend)
+    x, params = make_inputs((2, 4, 3, 5), dtype=torch.float32, device=device,
+                            proxy_params=proxy_params, channels_last=channels_last)
+    args = _forward_args(x, params, proxy)
+    torch.library.opcheck(namespace.forward.default, args)
+    _, mean, rstd = namespace.forward(*args)
+    grad_out = torch.randn_like(x)
+    backward_args = (grad_out, x.detach(), *(a.detach() if isinstance(a, torch.Tensor) else a
+                                             for a in args[1:5]),
+                     mean, rstd, 2, activations.SILU, 0.01, 0.03, 16, proxy)
+    torch.library.opcheck(namespace.backward.default, backward_args)
+
+
+def test_saves_only_input_and_group_statistics():
+    """Activation memory kept for backward: x itself plus (N, G) statistics and the parameters."""
+    device = triton_device()
+    x, params = make_inputs((4, 16, 12, 12), dtype=torch.float32, device=device)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fusednorm.group_norm_proxy_act(x, 4, **params, backend="triton")
+    activation_bytes = sum(t.numel() * t.element_size() for t in saved if t.dim() != 1)
+    assert any(t is x or t.data_ptr() == x.data_ptr() for t in saved)
+    assert activation_bytes <= 1.05 * x.numel() * x.element_size()
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_compile_fullgraph_functional(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    x, params = make_inputs((2, 8, 6, 6), dtype=torch.float32, device=device)
+    torch._dynamo.reset()
+
+    def fn(x, weight, bias, proxy_bias, proxy_weight):
+        return fusednorm.group_norm_proxy_act(x, 4, weight, bias, proxy_bias, proxy_weight,
+                                              activation="silu", backend=backend) * 2
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out = compiled(x, **params)
+    expected = reference.group_norm_proxy_act(x, 4, **params, activation="silu") * 2
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out.sum(), [x, *params.values()])
+    expected_grads = torch.autograd.grad(expected.sum(), [x, *params.values()])
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_fullgraph_model_with_inductor():
+    """A small conv net with the fused modules, compiled whole by inductor (no graph breaks)."""
+    device = triton_device()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        fusednorm.GroupNormProxyAct(4, 8, activation="relu", backend="triton"),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        fusednorm.GroupNormAct(2, 8, activation="silu", backend="triton"),
+    ).to(device)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(x)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, p in zip(eager_grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-4, atol=1e-4)
