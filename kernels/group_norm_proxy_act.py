@@ -84,6 +84,18 @@ def _load_channel_params(weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr,
 
 
 @triton.jit
+def _load_norm_params(group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c,
+                      G, CPG, ACC_DTYPE: tl.constexpr):
+    """Per channel of a tile: its (n, g) row index, the group's mean and rstd, gamma and beta."""
+    group = n * G + offs_c // CPG
+    mean = tl.load(group_mean_ptr + group, mask=mask_c, other=0.0)
+    rstd = tl.load(group_rstd_ptr + group, mask=mask_c, other=0.0)
+    weight = tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    return group, mean, rstd, weight, bias
+
+
+@triton.jit
 def _tile_coords(pid, num_c_blocks, num_s_blocks, C, S, BLOCK_C: tl.constexpr,
                  BLOCK_S: tl.constexpr, INDEX_64: tl.constexpr):
     """Program id of a 1-D grid over (n, c-block, s-block) -> n, channel and spatial offsets."""
@@ -224,11 +236,8 @@ def _forward_apply_kernel(
     n, offs_c, offs_s, mask_c, mask_s = _tile_coords(
         tl.program_id(0), num_c_blocks, num_s_blocks, C, S, BLOCK_C, BLOCK_S, INDEX_64)
     mask = mask_c[:, None] & mask_s[None, :]
-    group = n * G + offs_c // CPG
-    mean = tl.load(group_mean_ptr + group, mask=mask_c, other=0.0)
-    rstd = tl.load(group_rstd_ptr + group, mask=mask_c, other=0.0)
-    weight = tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    group, mean, rstd, weight, bias = _load_norm_params(
+        group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c, G, CPG, ACC_DTYPE)
     offsets = n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
     # (x - mean) * (gamma * rstd) rather than the folded A*x + B: one rounding of the mean
@@ -268,11 +277,8 @@ def _backward_partials_kernel(
         n = n.to(tl.int64)
         offs_c = offs_c.to(tl.int64)
     mask_c = offs_c < C
-    group = n * G + offs_c // CPG
-    mean = tl.load(group_mean_ptr + group, mask=mask_c, other=0.0)
-    rstd = tl.load(group_rstd_ptr + group, mask=mask_c, other=0.0)
-    weight = tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
+    group, mean, rstd, weight, bias = _load_norm_params(
+        group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c, G, CPG, ACC_DTYPE)
     if PROXY:
         proxy_mean = tl.load(proxy_mean_ptr + offs_c, mask=mask_c, other=0.0)
         proxy_scale = tl.load(proxy_scale_ptr + offs_c, mask=mask_c, other=0.0)
@@ -423,14 +429,11 @@ def _backward_dx_kernel(
     n, offs_c, offs_s, mask_c, mask_s = _tile_coords(
         tl.program_id(0), num_c_blocks, num_s_blocks, C, S, BLOCK_C, BLOCK_S, INDEX_64)
     mask = mask_c[:, None] & mask_s[None, :]
-    group = n * G + offs_c // CPG
-    mean = tl.load(group_mean_ptr + group, mask=mask_c, other=0.0)
-    rstd = tl.load(group_rstd_ptr + group, mask=mask_c, other=0.0)
+    group, mean, rstd, weight, bias = _load_norm_params(
+        group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c, G, CPG, ACC_DTYPE)
     inv_m = 1.0 / (CPG * S).to(ACC_DTYPE)
     sum_a = tl.load(group_sums_ptr + group, mask=mask_c, other=0.0) * inv_m
     sum_b = tl.load(group_sums_ptr + N * G + group, mask=mask_c, other=0.0) * inv_m
-    weight = tl.load(weight_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
-    bias = tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(ACC_DTYPE)
     x = tl.load(x_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
                 mask=mask, other=0.0).to(ACC_DTYPE)
     g = tl.load(grad_ptr + n * stride_gn + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
