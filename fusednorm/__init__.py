@@ -3,10 +3,12 @@ from . import reference
 from .activations import ACTIVATIONS
 from .functional import BACKENDS, group_norm_act, group_norm_proxy_act, select_backend
 from .modules import GroupNormAct, GroupNormProxyAct
+from . import analysis, models
+from .convert import convert
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACTIVATIONS", "BACKENDS", "GroupNormAct", "GroupNormProxyAct", "group_norm_act",
-    "group_norm_proxy_act", "reference", "select_backend",
+    "ACTIVATIONS", "BACKENDS", "GroupNormAct", "GroupNormProxyAct", "analysis", "convert",
+    "group_norm_act", "group_norm_proxy_act", "models", "reference", "select_backend",
 ]
