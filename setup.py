@@ -1,5 +1,21 @@
-"""Build and install fusednorm (filled in further by the C++ extension build below)."""
+"""Build and install fusednorm: the Python package and the C++/CUDA extension ``fusednorm._C``.
+
+The extension is built with torch.utils.cpp_extension, so torch must be importable while
+building: ``pip install --no-build-isolation -e .``. It always holds the CPU kernels; the CUDA
+kernels are added when torch is a CUDA build and nvcc is found (CUDA_HOME or PATH). Nothing here
+asks whether a GPU is present, so a CUDA extension can be built on a machine without one.
+
+Environment:
+  FUSEDNORM_NO_EXTENSION=1  no compiled code at all (pure-Python install: Triton + reference)
+  FUSEDNORM_NO_CUDA=1       CPU extension only
+  MAX_JOBS                  parallel compile jobs (read by torch.utils.cpp_extension)
+  TORCH_CUDA_ARCH_LIST      GPU architectures, e.g. "8.0;9.0" (read by torch.utils.cpp_extension)
+"""
 import importlib.util
+import os
+import platform
+import shutil
+import sys
 
 from setuptools import setup
 
@@ -10,12 +26,126 @@ if importlib.util.find_spec("torch") is None:
 if importlib.util.find_spec("triton") is None:
     install_requires.append("triton")
 
+CPU_SOURCES = [
+    "csrc/fusednorm.cpp",
+    "csrc/common.cpp",
+    "csrc/proxy.cpp",
+    "csrc/cpu/fusednorm_cpu.cpp",
+    "csrc/cpu/forward.cpp",
+    "csrc/cpu/backward.cpp",
+]
+CUDA_SOURCES = ["csrc/cuda/fusednorm_cuda.cu", "csrc/cuda/forward.cu", "csrc/cuda/backward.cu"]
+# Compiled again for each x86-64 instruction set below, picked at run time (ATen's scheme):
+# one binary that runs everywhere and uses AVX2/AVX-512 where the CPU has them.
+PER_CAPABILITY_SOURCES = ["csrc/cpu/forward.cpp", "csrc/cpu/backward.cpp"]
+CPU_CAPABILITY_FLAGS = {  # the flags ATen compiles its own AVX2/AVX512 kernels with
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+}
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _warn(message):
+    print(f"fusednorm setup: warning: {message}", file=sys.stderr)
+
+
+def _cpu_capabilities():
+    """The instruction sets to build extra copies of the CPU kernels for (x86-64, GCC/Clang)."""
+    if sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    return CPU_CAPABILITY_FLAGS
+
+
+def _find_nvcc(cpp_extension):
+    if cpp_extension.CUDA_HOME:
+        nvcc = os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")
+        if os.path.exists(nvcc):
+            return nvcc
+    return shutil.which("nvcc")
+
+
+def _want_cuda(torch, cpp_extension):
+    if _env_flag("FUSEDNORM_NO_CUDA"):
+        print("fusednorm setup: FUSEDNORM_NO_CUDA=1: building the CPU extension only")
+        return False
+    if torch.version.cuda is None:
+        return False  # a CPU (or ROCm) build of torch: nothing to link CUDA kernels against
+    if _find_nvcc(cpp_extension) is None:
+        _warn(f"torch {torch.__version__} is a CUDA build but nvcc was not found (set CUDA_HOME); "
+              "building the CPU extension only")
+        return False
+    return True
+
+
+def _extension_setup():
+    """ext_modules and cmdclass for setup(), or {} when no extension is built."""
+    if _env_flag("FUSEDNORM_NO_EXTENSION"):
+        print("fusednorm setup: FUSEDNORM_NO_EXTENSION=1: installing without compiled code")
+        return {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as error:
+        _warn(f"torch is not importable ({error}); installing without the C++ extension. "
+              "Install torch first, then `pip install --no-build-isolation .` builds it.")
+        return {}
+
+    cxx_flags = ["-O3", "-Wno-unknown-pragmas"]  # torch's vector headers carry CUDA-only pragmas
+    link_flags = []
+    if torch.backends.openmp.is_available():  # at::parallel_for is inline: it needs OpenMP here
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
+    capabilities = _cpu_capabilities()
+    macros = [(f"FUSEDNORM_HAVE_{name}", None) for name in capabilities]
+
+    if _want_cuda(torch, cpp_extension):
+        macros.append(("FUSEDNORM_WITH_CUDA", None))
+        extension = cpp_extension.CUDAExtension(
+            "fusednorm._C", CPU_SOURCES + CUDA_SOURCES, define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link_flags)
+    else:
+        extension = cpp_extension.CppExtension(
+            "fusednorm._C", CPU_SOURCES, define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    extension.cpu_capabilities = capabilities
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": _build_ext_class(cpp_extension)}}
+
+
+def _build_ext_class(cpp_extension):
+    class BuildExtension(cpp_extension.BuildExtension):
+        """cpp_extension's builder, plus one more object of each PER_CAPABILITY_SOURCES file per
+        CPU instruction set, compiled with that set's flags and -DCPU_CAPABILITY=<name>."""
+
+        def build_extension(self, ext):
+            objects = []
+            for name, flags in getattr(ext, "cpu_capabilities", {}).items():
+                # ext.extra_compile_args already carries torch's own flags (ABI, extension
+                # name), added by build_extensions before this runs.
+                post_args = list(ext.extra_compile_args["cxx"]) + flags + [
+                    f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+                objects += self.compiler.compile(
+                    PER_CAPABILITY_SOURCES, output_dir=os.path.join(self.build_temp, name.lower()),
+                    macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                    extra_postargs=post_args, depends=ext.depends)
+            # After the DEFAULT objects on the link line: for inline code that every copy emits,
+            # the linker keeps the first, the one without AVX instructions.
+            ext.extra_objects = list(ext.extra_objects or []) + objects
+            super().build_extension(ext)
+
+    return BuildExtension
+
+
 setup(
     name="fusednorm",
     version="0.1.0",
     description="Fused GroupNorm/LayerNorm + activation + Proxy Normalization for PyTorch",
-    packages=["fusednorm", "fusednorm.kernels"],
+    packages=["fusednorm", "fusednorm.kernels", "fusednorm.models", "fusednorm.analysis"],
     package_dir={"fusednorm": "fusednorm", "fusednorm.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=install_requires,
+    **_extension_setup(),
 )

@@ -71,6 +71,7 @@ def select_backend(backend, input: torch.Tensor) -> str:
     device = input.device.type
     if requested == "auto":
         if device == "cuda":
+            # Triton stays the CUDA default until GPU benchmarks compare it with the CUDA kernel.
             if ops.triton_available():
                 return "triton"
             return "cuda" if ops.extension_has_kernel("cuda") else "reference"

@@ -130,9 +130,19 @@ def _register_extension() -> None:
                                     setup_context=_setup_context)
 
 
+def _extension_kernels() -> dict:
+    """{"cpu": bool, "cuda": bool}: the device kernels the extension registered when imported,
+    looked up once here (torch.compile cannot trace the dispatcher query)."""
+    if EXTENSION_IMPORT_ERROR is not None:
+        return {"cpu": False, "cuda": False}
+    return {device: torch._C._dispatch_has_kernel_for_dispatch_key("fusednorm::forward", key)
+            for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
 _register_triton()
 if EXTENSION_IMPORT_ERROR is None:
     _register_extension()
+_EXTENSION_KERNELS = _extension_kernels()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,10 +154,7 @@ def triton_available() -> bool:
 
 def extension_has_kernel(device_type: str) -> bool:
     """Whether the C++ extension is built with a kernel for ``device_type`` ("cpu" or "cuda")."""
-    if EXTENSION_IMPORT_ERROR is not None:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fusednorm::forward", key)
+    return _EXTENSION_KERNELS[device_type]
 
 
 def forward_op(backend: str):

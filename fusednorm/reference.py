@@ -46,7 +46,7 @@ def _norm_affine_act(input, num_groups, weight, bias, act, slope, eps, upcast):
         dtype = torch.float32
         x = input.float()
     n, c = x.shape[:2]
-    grouped = x.reshape(n, num_groups, -1)
+    grouped = x.reshape(n, num_groups, x.numel() // max(n * num_groups, 1))  # -1 fails at N=0
     mean = grouped.mean(dim=-1, keepdim=True)
     var = (grouped - mean).square().mean(dim=-1, keepdim=True)
     xhat = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(x.shape)

@@ -402,8 +402,10 @@ def _backward_params_kernel(
             sum_h_u += tl.sum(h * u[None, :], axis=1)
         grad_weight += sum_h_x / K
         grad_bias += sum_h / K
-        grad_proxy_bias = weight * sum_h / K
-        grad_proxy_weight = weight * sum_h_u / K
+        if HAS_PROXY_BIAS:
+            grad_proxy_bias = weight * sum_h / K
+        if HAS_PROXY_WEIGHT:
+            grad_proxy_weight = weight * sum_h_u / K
     tl.store(grad_params_ptr + offs_c, grad_weight, mask=mask_c)
     tl.store(grad_params_ptr + C + offs_c, grad_bias, mask=mask_c)
     tl.store(grad_params_ptr + 2 * C + offs_c, grad_proxy_bias, mask=mask_c)

@@ -122,3 +122,25 @@ def test_proxy_statistics_at_init_match_pn_math_table(fused_backend, activation,
     scale = (y_plus - y_minus) / (act_plus - act_minus)
     assert scale == pytest.approx(s, abs=1e-6)
     assert act_plus - y_plus / scale == pytest.approx(m, abs=1e-6)
+
+
+def test_absent_proxy_params_get_zero_gradients_from_the_raw_op():
+    device = triton_device()
+    x, params = make_inputs((2, 4, 3), device=device, proxy_params=False)
+    args = (x.detach(), params["weight"].detach(), params["bias"].detach(), None, None, 2, 1, 0.01,
+            1e-5, 0.03, 16, True)
+    _, mean, rstd = torch.ops.fusednorm_triton.forward(*args)
+    grads = torch.ops.fusednorm_triton.backward(torch.ones_like(x), *args[:5], mean, rstd,
+                                                2, 1, 0.01, 0.03, 16, True)
+    assert torch.equal(grads[3], torch.zeros_like(grads[3]))
+    assert torch.equal(grads[4], torch.zeros_like(grads[4]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+def test_empty_batch(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    x = torch.randn(0, 8, 4, 4, device=device, requires_grad=True)
+    y = fusednorm.group_norm_proxy_act(x, 2, backend=backend)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape

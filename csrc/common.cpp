@@ -1,0 +1,89 @@
+#include "common.h"
+
+#include "activations.h"
+
+namespace fusednorm {
+
+namespace {
+bool is_channels_last_like(const at::Tensor& t) {
+  return t.dim() > 2 && t.movedim(1, -1).is_contiguous();
+}
+
+void check_param(const char* op, const char* name, const at::Tensor& param, const at::Tensor& x) {
+  TORCH_CHECK(param.dim() == 1 && param.size(0) == x.size(1), "fusednorm::", op, ": ", name,
+              " must have shape (C,) = (", x.size(1), ",), got ", param.sizes());
+  TORCH_CHECK(at::isFloatingType(param.scalar_type()), "fusednorm::", op, ": ", name,
+              " must be floating point, got ", param.scalar_type());
+  TORCH_CHECK(param.device() == x.device(), "fusednorm::", op, ": ", name, " is on ",
+              param.device(), " but x is on ", x.device());
+}
+}  // namespace
+
+at::Tensor dense_layout(const at::Tensor& x) {
+  if (x.is_contiguous() || is_channels_last_like(x)) return x;
+  return x.contiguous();
+}
+
+at::Tensor match_layout(const at::Tensor& t, const at::Tensor& dense) {
+  if (dense.is_contiguous()) return t.contiguous();
+  if (is_channels_last_like(t)) return t;
+  return t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+at::ScalarType accumulation_type(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
+                        const std::optional<at::Tensor>& proxy_weight, int64_t num_groups,
+                        int64_t activation, int64_t num_proxy_samples, bool proxy) {
+  TORCH_CHECK(x.dim() >= 2, "fusednorm::", op, ": x must have shape (N, C, *spatial), got ",
+              x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "fusednorm::", op, ": x must be float16/bfloat16/float32/float64, got ", dtype);
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "fusednorm::", op,
+              ": C=", x.size(1), " is not divisible by num_groups=", num_groups);
+  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "fusednorm::", op,
+              ": unknown activation id ", activation, " (expected 0-5)");
+  TORCH_CHECK(!proxy || num_proxy_samples >= 2, "fusednorm::", op,
+              ": num_proxy_samples must be >= 2, got ", num_proxy_samples);
+  check_param(op, "weight", weight, x);
+  check_param(op, "bias", bias, x);
+  if (proxy_bias) check_param(op, "proxy_bias", *proxy_bias, x);
+  if (proxy_weight) check_param(op, "proxy_weight", *proxy_weight, x);
+
+  Problem p;
+  p.N = x.size(0);
+  p.C = x.size(1);
+  p.S = 1;
+  for (int64_t d = 2; d < x.dim(); ++d) p.S *= x.size(d);
+  p.G = num_groups;
+  p.channels_last = p.S == 1 || !x.is_contiguous();
+  return p;
+}
+
+std::pair<at::Tensor, at::Tensor> check_statistics(const at::Tensor& x, const at::Tensor& mean,
+                                                   const at::Tensor& rstd, int64_t num_groups) {
+  const auto acc = accumulation_type(x.scalar_type());
+  for (const auto* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == x.size(0) && t->size(1) == num_groups,
+                "fusednorm::backward: mean and rstd must have shape (N, G) = (", x.size(0), ", ",
+                num_groups, "), got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == acc, "fusednorm::backward: mean and rstd must be ", acc,
+                " for ", x.scalar_type(), " input, got ", t->scalar_type());
+    TORCH_CHECK(t->device() == x.device(), "fusednorm::backward: mean/rstd are on ", t->device(),
+                " but x is on ", x.device());
+  }
+  return {mean.contiguous(), rstd.contiguous()};
+}
+
+at::Tensor param_as(const std::optional<at::Tensor>& param, int64_t channels,
+                    const at::TensorOptions& options) {
+  if (!param) return at::zeros({channels}, options);
+  return param->to(options.dtype()).contiguous();
+}
+
+}  // namespace fusednorm

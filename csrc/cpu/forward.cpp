@@ -1,0 +1,287 @@
+// CPU forward kernel: group statistics, then y = s_c * (act(gamma_c * xhat + beta_c) - m_c).
+// The algorithm of kernels/group_norm_proxy_act.py (pn-math.md) on at::vec::Vectorized;
+// compiled once per instruction set (see vec_utils.h).
+//
+// Contiguous (N, C, S) input, per (n, g) group (a contiguous range of M = C/G * S elements):
+// Welford/Chan statistics over fixed 4096-element chunks (two passes in L1 each, relative to a
+// shift), then the apply pass per row (n, c). When there are enough groups for every thread, one
+// task does both passes of a group, so the second pass reads it from L2 instead of memory;
+// otherwise the passes run one after the other with finer tasks. Both orders compute every sum
+// the same way, so results do not depend on the thread count, and every reduction runs in a
+// fixed order (deterministic, no atomics).
+//
+// Channels-last (N, S, C) input (and any input with S = 1): tasks of whole rows of one n,
+// vectorised along C with per-channel accumulators, reduced over tasks in a fixed order.
+#include "vec_utils.h"
+
+#include <cmath>
+#include <vector>
+
+namespace fusednorm::cpu::CPU_CAPABILITY {
+namespace {
+
+// A Welford state: element count, mean and sum of squared deviations from the mean.
+template <typename acc_t>
+struct Welford {
+  int64_t count = 0;
+  acc_t mean = 0;
+  acc_t m2 = 0;
+};
+
+// Chan's merge of two states (exact for any split of the data, stable for offset data).
+template <typename acc_t>
+inline Welford<acc_t> merge(const Welford<acc_t>& a, const Welford<acc_t>& b) {
+  if (b.count == 0) return a;
+  if (a.count == 0) return b;
+  const int64_t count = a.count + b.count;
+  const acc_t delta = b.mean - a.mean;
+  const double total = static_cast<double>(count);
+  return {count, a.mean + delta * static_cast<acc_t>(b.count / total),
+          a.m2 + b.m2 +
+              delta * delta * static_cast<acc_t>(static_cast<double>(a.count) * b.count / total)};
+}
+
+// State of p[0, len) - shift, len <= kChunk: the chunk's mean, then the squared deviations from
+// it (the second pass reads L1). Statistics are kept relative to a shift, an element of the
+// group: for offset data (1e4 + randn) the sums then stay small and lose no digits.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vshift(shift);
+  Vec sum(0);
+  reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
+    Vec d = v - vshift;
+    if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
+    sum += d;
+  });
+  const acc_t mean = lane_sum(sum) / static_cast<acc_t>(len);
+  const Vec vmean(mean);
+  Vec m2(0);
+  reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
+    Vec d = (v - vshift) - vmean;
+    if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
+    m2 = at::vec::fmadd(d, d, m2);
+  });
+  return {len, mean, lane_sum(m2)};
+}
+
+template <typename scalar_t>
+inline acc_type<scalar_t> to_acc(scalar_t v) {
+  return static_cast<acc_type<scalar_t>>(v);
+}
+
+template <typename acc_t>
+inline void finish_stats(const Welford<acc_t>& state, acc_t shift, double eps, acc_t* mean,
+                         acc_t* rstd) {
+  // std::max(NaN, 0) is NaN: a NaN in the group reaches every output of the group.
+  const acc_t var = std::max(state.m2 / static_cast<acc_t>(state.count), acc_t(0));
+  *mean = shift + state.mean;
+  *rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+}
+
+template <typename scalar_t>
+struct ForwardContext {
+  using acc_t = acc_type<scalar_t>;
+  int64_t N, C, S, G, CPG;
+  double eps;
+  acc_t slope;
+  const scalar_t* x;
+  scalar_t* y;
+  const acc_t* weight;
+  const acc_t* bias;
+  const acc_t* proxy_mean;   // nullptr: PN off
+  const acc_t* proxy_scale;
+  acc_t* mean;
+  acc_t* rstd;
+
+  explicit ForwardContext(const ForwardArgs& a)
+      : N(a.N), C(a.C), S(a.S), G(a.G), CPG(a.C / a.G), eps(a.eps),
+        slope(static_cast<acc_t>(a.slope)), x(static_cast<const scalar_t*>(a.x)),
+        y(static_cast<scalar_t*>(a.y)), weight(static_cast<const acc_t*>(a.weight)),
+        bias(static_cast<const acc_t*>(a.bias)),
+        proxy_mean(static_cast<const acc_t*>(a.proxy_mean)),
+        proxy_scale(static_cast<const acc_t*>(a.proxy_scale)),
+        mean(static_cast<acc_t*>(a.mean)), rstd(static_cast<acc_t*>(a.rstd)) {}
+
+  // y = out_scale * act(z) - out_offset: s_c and s_c * m_c (1 and 0 without PN).
+  acc_t out_scale(int64_t c) const { return proxy_scale ? proxy_scale[c] : acc_t(1); }
+  acc_t out_offset(int64_t c) const {
+    return proxy_scale ? proxy_scale[c] * proxy_mean[c] : acc_t(0);
+  }
+};
+
+// y[0, S) of row (n, c): y = s_c * act((x - mean) * gamma_c * rstd + beta_c) - s_c * m_c.
+// (x - mean) * (gamma * rstd) rather than a folded A * x + B: no cancellation on offset data.
+template <int ACT, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void apply_row(const ForwardContext<scalar_t>& ctx, int64_t n, int64_t c) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t ng = n * ctx.G + c / ctx.CPG;
+  const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]);
+  const Vec scale(ctx.out_scale(c)), out_offset(ctx.out_offset(c)), slope(ctx.slope);
+  const int64_t offset = (n * ctx.C + c) * ctx.S;
+  map1(ctx.x + offset, ctx.y + offset, ctx.S, [&](const Vec& v, int64_t) {
+    return at::vec::fmsub(act_value_vec<ACT>(at::vec::fmadd(v - mean, a1, b), slope), scale,
+                          out_offset);
+  });
+}
+
+template <int ACT, typename scalar_t>
+void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t M = ctx.CPG * ctx.S, NG = ctx.N * ctx.G, chunks = divup(M, kChunk);
+  auto shift_of = [&](int64_t ng) { return to_acc(ctx.x[ng * M]); };
+  auto stats_of_chunk = [&](int64_t ng, int64_t k) {
+    return chunk_stats(ctx.x + ng * M + k * kChunk, std::min(kChunk, M - k * kChunk),
+                       shift_of(ng));
+  };
+  if (one_task_per_group(NG)) {
+    at::parallel_for(0, NG, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        Welford<acc_t> state;
+        for (int64_t k = 0; k < chunks; ++k) state = merge(state, stats_of_chunk(ng, k));
+        finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
+        const int64_t n = ng / ctx.G, g = ng % ctx.G;
+        for (int64_t c = g * ctx.CPG; c < (g + 1) * ctx.CPG; ++c) apply_row<ACT>(ctx, n, c);
+      }
+    });
+    return;
+  }
+  std::vector<Welford<acc_t>> states(NG * chunks);
+  at::parallel_for(0, NG * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) states[i] = stats_of_chunk(i / chunks, i % chunks);
+  });
+  for (int64_t ng = 0; ng < NG; ++ng) {
+    Welford<acc_t> state;
+    for (int64_t k = 0; k < chunks; ++k) state = merge(state, states[ng * chunks + k]);
+    finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
+  }
+  const int64_t grain = std::max<int64_t>(1, kChunk / ctx.S);
+  at::parallel_for(0, ctx.N * ctx.C, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) apply_row<ACT>(ctx, row / ctx.C, row % ctx.C);
+  });
+}
+
+template <int ACT, typename scalar_t>
+void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
+  using acc_t = acc_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t N = ctx.N, C = ctx.C, S = ctx.S, G = ctx.G, CPG = ctx.CPG;
+  const RowTiling tiling(S, C, Io<scalar_t>::kStep);
+  const int64_t tasks = N * tiling.tasks_per_n, P = tiling.padded_c;
+  auto task_rows = [&](int64_t task) {
+    const int64_t first = (task % tiling.tasks_per_n) * tiling.task_rows;
+    return std::make_pair(first, std::min(S, first + tiling.task_rows));
+  };
+
+  // Statistics: per block of rows, each channel's mean and squared deviations (two passes over
+  // the block in L1), merged into the groups' states, which are merged over blocks. All relative
+  // to a shift per (n, g), the group's first element (see chunk_stats).
+  auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
+  std::vector<Welford<acc_t>> states(tasks * G);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> shift(P, 0), sum(P), m2(P);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiling.tasks_per_n;
+      for (int64_t c = 0; c < C; ++c) shift[c] = shift_of(n, c / CPG);
+      const auto [first, last] = task_rows(task);
+      Welford<acc_t>* group_states = states.data() + task * G;
+      for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
+        const int64_t rows = std::min(tiling.block_rows, last - s0);
+        const scalar_t* block = ctx.x + (n * S + s0) * C;
+        std::fill(sum.begin(), sum.end(), acc_t(0));
+        std::fill(m2.begin(), m2.end(), acc_t(0));
+        for (int64_t r = 0; r < rows; ++r) {
+          reduce1(block + r * C, C, [&](const Vec& v, int64_t valid, int64_t off) {
+            Vec d = v - Vec::loadu(shift.data() + off);
+            if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
+            (Vec::loadu(sum.data() + off) + d).store(sum.data() + off);
+          });
+        }
+        const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
+        for (int64_t off = 0; off < P; off += Vec::size()) {
+          (Vec::loadu(sum.data() + off) * inv_rows).store(sum.data() + off);  // now the means
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          reduce1(block + r * C, C, [&](const Vec& v, int64_t valid, int64_t off) {
+            Vec d = (v - Vec::loadu(shift.data() + off)) - Vec::loadu(sum.data() + off);
+            if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
+            at::vec::fmadd(d, d, Vec::loadu(m2.data() + off)).store(m2.data() + off);
+          });
+        }
+        // The group's state over this block from its channels' states (equal counts).
+        for (int64_t g = 0; g < G; ++g) {
+          const acc_t* means = sum.data() + g * CPG;
+          acc_t mean = 0, squares = 0, spread = 0;
+          for (int64_t c = 0; c < CPG; ++c) mean += means[c];
+          mean /= static_cast<acc_t>(CPG);
+          for (int64_t c = 0; c < CPG; ++c) {
+            squares += m2[g * CPG + c];
+            spread += (means[c] - mean) * (means[c] - mean);
+          }
+          group_states[g] = merge(group_states[g],
+                                  Welford<acc_t>{rows * CPG, mean,
+                                                 squares + static_cast<acc_t>(rows) * spread});
+        }
+      }
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      Welford<acc_t> state;
+      for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
+        state = merge(state, states[(n * tiling.tasks_per_n + t) * G + g]);
+      }
+      finish_stats(state, shift_of(n, g), ctx.eps, ctx.mean + n * G + g, ctx.rstd + n * G + g);
+    }
+  }
+
+  // Apply, with per-channel constants laid out along C like the data.
+  std::vector<acc_t> bias(P, 0), out_scale(P, 0), out_offset(P, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    bias[c] = ctx.bias[c];
+    out_scale[c] = ctx.out_scale(c);
+    out_offset[c] = ctx.out_offset(c);
+  }
+  const Vec slope(ctx.slope);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> mean(P, 0), a1(P, 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n = task / tiling.tasks_per_n;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t ng = n * G + c / CPG;
+        mean[c] = ctx.mean[ng];
+        a1[c] = ctx.weight[c] * ctx.rstd[ng];
+      }
+      const auto [first, last] = task_rows(task);
+      for (int64_t s = first; s < last; ++s) {
+        const int64_t offset = (n * S + s) * C;
+        map1(ctx.x + offset, ctx.y + offset, C, [&](const Vec& v, int64_t off) {
+          const Vec z = at::vec::fmadd(v - Vec::loadu(mean.data() + off),
+                                       Vec::loadu(a1.data() + off), Vec::loadu(bias.data() + off));
+          return at::vec::fmsub(act_value_vec<ACT>(z, slope), Vec::loadu(out_scale.data() + off),
+                                Vec::loadu(out_offset.data() + off));
+        });
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_typed(const ForwardArgs& args) {
+  const ForwardContext<scalar_t> ctx(args);
+  FUSEDNORM_DISPATCH_ACTIVATION(args.activation, [&] {
+    if (args.channels_last) {
+      forward_channels_last<kAct>(ctx);
+    } else {
+      forward_contiguous<kAct>(ctx);
+    }
+  });
+}
+
+}  // namespace
+
+void forward(const ForwardArgs& args) {
+  dispatch_dtype(args.dtype, [&](auto tag) { forward_typed<decltype(tag)>(args); });
+}
+
+}  // namespace fusednorm::cpu::CPU_CAPABILITY

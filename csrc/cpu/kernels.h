@@ -1,0 +1,67 @@
+// The CPU kernels' entry points. forward.cpp and backward.cpp are compiled once per instruction
+// set (DEFAULT, and AVX2/AVX512 on x86-64 when setup.py builds them), each copy in its own
+// namespace; fusednorm_cpu.cpp picks one at run time, like ATen's DispatchStub.
+//
+// Tensors are passed as raw pointers: x, y, grad and dx in the input dtype, everything else in
+// the accumulation dtype acc_t (double for double input, float otherwise). The input is viewed
+// as (N, C, S): memory (N, C, S) or, when channels_last, (N, S, C).
+#pragma once
+
+#include <cstdint>
+
+namespace fusednorm::cpu {
+
+enum class Dtype { kFloat, kDouble, kHalf, kBFloat16 };
+
+struct ForwardArgs {
+  Dtype dtype;
+  int64_t N, C, S, G;
+  bool channels_last;
+  int64_t activation;
+  double slope, eps;
+  const void* x;
+  void* y;
+  const void* weight;       // (C,) gamma
+  const void* bias;         // (C,) beta
+  const void* proxy_mean;   // (C,) m_c, or nullptr: Proxy Normalization off
+  const void* proxy_scale;  // (C,) s_c, or nullptr
+  void* mean;               // out (N, G)
+  void* rstd;               // out (N, G)
+};
+
+struct BackwardArgs {
+  Dtype dtype;
+  int64_t N, C, S, G;
+  bool channels_last;
+  int64_t activation;
+  double slope;
+  const void* grad;         // dL/dy, in x's layout
+  const void* x;
+  void* dx;                 // out, in x's layout
+  const void* mean;         // (N, G)
+  const void* rstd;         // (N, G)
+  const void* weight;       // (C,) gamma
+  const void* bias;         // (C,) beta
+  const void* proxy_scale;  // (C,) s_c, or nullptr: Proxy Normalization off
+  void* partials;           // out (N, C, 4): sum_s g_z, g_z*xhat, g, g*a (the last two with PN)
+};
+
+#define FUSEDNORM_DECLARE_CPU_KERNELS(CAPABILITY)  \
+  namespace CAPABILITY {                           \
+  void forward(const ForwardArgs& args);           \
+  void backward(const BackwardArgs& args);         \
+  }
+
+FUSEDNORM_DECLARE_CPU_KERNELS(DEFAULT)
+FUSEDNORM_DECLARE_CPU_KERNELS(AVX2)
+FUSEDNORM_DECLARE_CPU_KERNELS(AVX512)
+
+#undef FUSEDNORM_DECLARE_CPU_KERNELS
+
+}  // namespace fusednorm::cpu
+
+namespace fusednorm::cpu {
+// The instruction set of the kernels in use ("DEFAULT", "AVX2" or "AVX512"): the best one built
+// that ATen's own capability allows (so ATEN_CPU_CAPABILITY=default selects DEFAULT).
+const char* kernel_capability();
+}  // namespace fusednorm::cpu

@@ -1,0 +1,58 @@
+// The activations of ../activations.h on at::vec::Vectorized<float/double>: the same formulas,
+// one vector at a time. Used by forward.cpp and backward.cpp (compiled per instruction set).
+// Comparisons yield 0/1 values (gt) rather than masks for blendv: the generic (DEFAULT)
+// Vectorized builds masks and blends with a branch per lane, which mispredicts on signs.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include "../activations.h"
+
+namespace fusednorm::cpu {
+
+template <int ACT, typename Vec>
+inline Vec act_value_vec(const Vec& z, const Vec& slope) {
+  using T = typename Vec::value_type;
+  const Vec zero(T(0)), one(T(1));
+  if constexpr (ACT == kRelu) {
+    return at::vec::maximum(z, zero);  // IEEE maximum: NaN stays NaN
+  } else if constexpr (ACT == kSilu) {
+    return z * (one / (one + z.neg().exp()));
+  } else if constexpr (ACT == kGelu) {
+    return Vec(T(0.5)) * z * (one + (z * Vec(T(kInvSqrt2))).erf());
+  } else if constexpr (ACT == kGeluTanh) {
+    const Vec inner = Vec(T(kSqrt2OverPi)) * (z + Vec(T(kGeluTanhC)) * z * z * z);
+    return Vec(T(0.5)) * z * (one + inner.tanh());
+  } else if constexpr (ACT == kLeakyRelu) {
+    // Exactly z or slope * z (one of the terms is 0), NaN stays NaN.
+    return at::vec::maximum(z, zero) + slope * at::vec::minimum(z, zero);
+  } else {
+    return z;
+  }
+}
+
+template <int ACT, typename Vec>
+inline Vec act_grad_vec(const Vec& z, const Vec& slope) {
+  using T = typename Vec::value_type;
+  const Vec zero(T(0)), one(T(1));
+  if constexpr (ACT == kRelu) {
+    return z.gt(zero);  // 1 where z > 0, else 0 (NaN included)
+  } else if constexpr (ACT == kSilu) {
+    const Vec sig = one / (one + z.neg().exp());
+    return sig * (one + z * (one - sig));
+  } else if constexpr (ACT == kGelu) {
+    const Vec cdf = Vec(T(0.5)) * (one + (z * Vec(T(kInvSqrt2))).erf());
+    return cdf + z * (Vec(T(-0.5)) * z * z).exp() * Vec(T(kInvSqrt2Pi));
+  } else if constexpr (ACT == kGeluTanh) {
+    const Vec t = (Vec(T(kSqrt2OverPi)) * (z + Vec(T(kGeluTanhC)) * z * z * z)).tanh();
+    const Vec inner_grad = Vec(T(kSqrt2OverPi)) * (one + Vec(T(3 * kGeluTanhC)) * z * z);
+    return Vec(T(0.5)) * (one + t) + Vec(T(0.5)) * z * (one - t * t) * inner_grad;
+  } else if constexpr (ACT == kLeakyRelu) {
+    const Vec positive = z.gt(zero);
+    return positive + slope * (one - positive);  // exactly 1 or slope
+  } else {
+    return one;
+  }
+}
+
+}  // namespace fusednorm::cpu

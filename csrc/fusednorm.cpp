@@ -1,0 +1,33 @@
+// The fusednorm operator library: schemas of fusednorm::forward/backward (the contract of
+// fusednorm/ops.py, shared with the Triton ops) and the Python module fusednorm._C.
+// Kernels register themselves from cpu/ and, when built with CUDA, cuda/; fake tensors and
+// autograd are registered from Python when fusednorm._C is imported.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(fusednorm, m) {
+  m.def(
+      "forward(Tensor x, Tensor weight, Tensor bias, Tensor? proxy_bias, Tensor? proxy_weight, "
+      "int num_groups, int activation, float slope, float eps, float proxy_eps, "
+      "int num_proxy_samples, bool proxy) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor? proxy_bias, "
+      "Tensor? proxy_weight, Tensor mean, Tensor rstd, int num_groups, int activation, "
+      "float slope, float proxy_eps, int num_proxy_samples, bool proxy) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fusednorm C++/CUDA kernels; the ops are torch.ops.fusednorm.forward/backward";
+  m.def("cpu_capability", &fusednorm::cpu::kernel_capability,
+        "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512");
+#ifdef FUSEDNORM_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}
