@@ -10,11 +10,12 @@ that cannot run is listed with the reason and left out.
 
 Timing: CUDA events (on CUDA) or time.perf_counter (on CPU) around each repeat, with the caches
 flushed before it as triton.testing.do_bench does, after warm-up calls (the first of which
-compiles); reported as the median with p20/p80. "fwd" is a training
-forward (inputs require grad), "bwd" times autograd on a graph built once outside the timing, and
-"fwd+bwd" times both. Effective bandwidth is against the roofline bytes of pn-math.md (2T forward,
-3T backward, 5T both; T = bytes of x) and is also given as a fraction of the measured copy
-bandwidth. "saved/T" is the bytes of the unique storages the forward saves for backward, over T.
+compiles); reported as the median with p20/p80. On CPU, freed memory stays in the process (see
+keep_freed_cpu_memory) so that timings do not depend on which page faults glibc happens to take.
+"fwd" is a training forward (inputs require grad), "bwd" times autograd on a graph built once
+outside the timing, "fwd+bwd" both. Effective bandwidth is against the roofline bytes of
+pn-math.md (2T forward, 3T backward, 5T both; T = bytes of x), also as a fraction of the measured
+copy bandwidth. "saved/T" is the bytes of the unique storages the forward saves for backward / T.
 
 Writes a table to stdout and <device>[-quick]-<date>.csv/.json/.png under bench/results/.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import dataclasses
 import datetime
 import json
@@ -268,6 +270,21 @@ class Timer:
         return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
+def keep_freed_cpu_memory() -> Optional[str]:
+    """Keep freed memory in glibc's heap: no mmap per large block, no trimming. Otherwise whether a
+    repeat pays first-touch page faults for its outputs depends on glibc's heuristics, not on the
+    provider, and CPU timings turn bimodal; this is the CPU analogue of PyTorch's caching
+    allocator on CUDA. Returns the settings made, None where glibc is not there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    if libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1):
+        return "glibc mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2**31-1"
+    return None
+
+
 def copy_bandwidth_gbps(device, timer, warmup: int, repeats: int) -> float:
     """Device memory bandwidth as a copy sees it: 2 * bytes / time of dst.copy_(src)."""
     nbytes = (256 if device.type == "cuda" else 64) * 2**20
@@ -471,7 +488,7 @@ def device_slug(device) -> str:
     return f"cpu-{os.cpu_count()}c"
 
 
-def metadata(args, device, copy_gbps, skipped, load_at_start) -> dict:
+def metadata(args, device, copy_gbps, skipped, load_at_start, cpu_allocator) -> dict:
     try:
         import triton
         triton_version = triton.__version__
@@ -496,6 +513,7 @@ def metadata(args, device, copy_gbps, skipped, load_at_start) -> dict:
                   + " per repeat, caches flushed before each; median, p20, p80 after warm-up",
         # 1/5/15-minute load averages: other processes disturb CPU timings (and GPU launches).
         "load_average_at_start": load_at_start,
+        "cpu_allocator": cpu_allocator or "default",
         "roofline_bytes": "fwd 2T, bwd 3T, fwd+bwd 5T; T = bytes of x",
         "copy_bandwidth_gbps": copy_gbps,
         "skipped": skipped,
@@ -540,8 +558,8 @@ def plot(path: Path, results: list[Result], copy_gbps: float, title: str) -> Non
         ax.set_yscale("log")
         ax.set_ylim(min(r.gbps for r in results) / 2, max(copy_gbps, *gbps.values()) * 3)
         ax.axhline(copy_gbps, color="gray", linestyle="--", linewidth=1)
-        ax.text(len(cases) - 0.5, copy_gbps, f"copy {copy_gbps:.0f} GB/s", ha="right",
-                va="bottom", fontsize=8, color="gray")
+        ax.text(-0.45, copy_gbps, f"copy {copy_gbps:.0f} GB/s", ha="left", va="bottom",
+                fontsize=8, color="gray")
         ax.set_title(f"{mode}: effective bandwidth ({ROOFLINE_FACTOR[mode]}T / time)",
                      fontsize=10)
         ax.set_ylabel("GB/s (log)")
@@ -595,6 +613,9 @@ def parse_args(argv=None):
                         help=f"comma list of {', '.join(PROVIDERS)} (default: all that can run)")
     parser.add_argument("--warmup", type=int, help="untimed calls first (default: 10 cuda, 3 cpu)")
     parser.add_argument("--repeats", type=int, help="timed calls (default: 100 cuda, 30 cpu)")
+    parser.add_argument("--glibc-malloc-defaults", action="store_true",
+                        help="CPU: leave glibc's allocator as it is (per-call page faults for "
+                             "large outputs in the timings) instead of keeping freed memory")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
                         help=f"where the CSV/JSON/PNG go (default: {RESULTS_DIR})")
     args = parser.parse_args(argv)
@@ -632,10 +653,15 @@ def main(argv=None) -> None:
             providers.append(PROVIDERS[name])
         else:
             skipped.append({"provider": name, "case": "all", "reason": reason})
+    cpu_allocator = None
+    if device.type == "cpu" and not args.glibc_malloc_defaults:
+        cpu_allocator = keep_freed_cpu_memory()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device: {device} ({device_name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"providers: {', '.join(p.name for p in providers)}")
+    if cpu_allocator:
+        print(f"allocator: {cpu_allocator}")
     load_at_start = os.getloadavg()
     if load_at_start[0] > 0.25 * os.cpu_count():
         print(f"warning: load average {load_at_start[0]:.1f} on {os.cpu_count()} CPUs: other "
@@ -666,7 +692,7 @@ def main(argv=None) -> None:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
     stem = f"{device_slug(device)}{'-quick' if args.quick else ''}-{stamp}"
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    meta = metadata(args, device, copy_gbps, skipped, load_at_start)
+    meta = metadata(args, device, copy_gbps, skipped, load_at_start, cpu_allocator)
     write_csv(args.output_dir / f"{stem}.csv", results)
     (args.output_dir / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
