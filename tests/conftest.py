@@ -14,6 +14,21 @@ from fusednorm import reference
 REF_ERROR_FACTOR = 2.0
 ERROR_FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ACTIVATIONS = ["relu", "silu", "gelu", "gelu_tanh", ("leaky_relu", 0.2), "identity"]
+# The odd shapes every backend is checked on: (shape, num_groups). Each backend's test file adds
+# the shapes that reach its own split or tiling paths.
+ODD_SHAPES = {
+    "no_spatial": ((4, 12), 3),
+    "S=1": ((3, 8, 1, 1), 4),
+    "S=49": ((2, 6, 7, 7), 2),
+    "C=12,G=4": ((2, 12, 4, 4), 4),
+    "C=15,G=5": ((2, 15, 4, 4), 5),
+    "C=30,G=5": ((2, 30, 3, 5), 5),
+    "G=1": ((3, 10, 4, 3), 1),
+    "G=C": ((2, 7, 5, 3), 7),
+    "N=1": ((1, 8, 6, 6), 2),
+    "1d": ((2, 8, 11), 4),
+    "3d": ((2, 8, 3, 4, 5), 2),
+}
 
 
 def triton_device() -> str:

@@ -13,7 +13,7 @@ import torch
 
 import fusednorm
 from fusednorm import activations, ops, reference
-from conftest import ACTIVATIONS, check_against_reference, make_inputs, to_layout
+from conftest import ACTIVATIONS, ODD_SHAPES, check_against_reference, make_inputs, to_layout
 
 pytestmark = pytest.mark.skipif(
     not ops.extension_has_kernel("cpu"),
@@ -33,16 +33,7 @@ def test_activations_and_modes(activation, mode, layout):
 
 
 SHAPES = {
-    "no_spatial": ((4, 12), 3),
-    "S=1": ((3, 8, 1, 1), 4),
-    "S=49": ((2, 6, 7, 7), 2),
-    "C=12,G=4": ((2, 12, 4, 4), 4),
-    "C=30,G=5": ((2, 30, 3, 5), 5),
-    "G=1": ((3, 10, 4, 3), 1),
-    "G=C": ((2, 7, 5, 3), 7),
-    "N=1": ((1, 8, 6, 6), 2),
-    "1d": ((2, 8, 11), 4),
-    "3d": ((2, 8, 3, 4, 5), 2),
+    **ODD_SHAPES,
     # N*G = 1: the passes run one after another over chunks/rows; S > 4096: several chunks.
     "one_group_long": ((1, 4, 70, 70), 1),
     # channels-last with several row tasks per sample and a C that is no multiple of a vector.

@@ -6,8 +6,8 @@ import torch
 
 import fusednorm
 from fusednorm import activations, ops, reference
-from conftest import (ACTIVATIONS, assert_within_reference_error, check_against_reference,
-                      make_inputs, run_forward_backward, to_layout)
+from conftest import (ACTIVATIONS, ODD_SHAPES, assert_within_reference_error,
+                      check_against_reference, make_inputs, run_forward_backward, to_layout)
 
 LAYOUTS = {"nchw": False, "channels_last": True}
 MODES = {"pn+proxy_params": (True, True), "pn": (True, False), "no_pn": (False, False)}
@@ -34,16 +34,7 @@ def test_activations_and_modes(activation, mode, layout):
 
 
 SHAPES = {
-    "no_spatial": ((4, 12), 3),
-    "S=1": ((3, 8, 1, 1), 4),
-    "S=49": ((2, 6, 7, 7), 2),
-    "C=12,G=4": ((2, 12, 4, 4), 4),
-    "C=30,G=5": ((2, 30, 3, 5), 5),
-    "G=1": ((3, 10, 4, 3), 1),
-    "G=C": ((2, 7, 5, 3), 7),
-    "N=1": ((1, 8, 6, 6), 2),
-    "1d": ((2, 8, 11), 4),
-    "3d": ((2, 8, 3, 4, 5), 2),
+    **ODD_SHAPES,
     # Few groups / rows: the statistics and the partial sums are split over several blocks.
     "split_group": ((1, 64, 96, 96), 1),
     "split_rows": ((2, 40, 100, 100), 5),

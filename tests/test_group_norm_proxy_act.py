@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fusednorm
-from conftest import ACTIVATIONS, check_against_reference, make_inputs, triton_device
+from conftest import ACTIVATIONS, ODD_SHAPES, check_against_reference, make_inputs, triton_device
 
 PROXY_MODES = {"pn+proxy_params": (True, True), "pn": (True, False), "no_pn": (False, False)}
 
@@ -19,16 +19,7 @@ def test_activations_and_modes(activation, mode, channels_last):
 
 
 SHAPES = {
-    "no_spatial": ((4, 12), 3),
-    "S=1": ((3, 8, 1, 1), 4),
-    "S=49": ((2, 6, 7, 7), 2),
-    "odd_C/G=3": ((2, 15, 4, 4), 5),
-    "odd_C/G=6": ((2, 30, 3, 5), 5),
-    "G=1_layernorm": ((3, 10, 4, 3), 1),
-    "G=C_instancenorm": ((2, 7, 5, 3), 7),
-    "N=1": ((1, 8, 6, 6), 2),
-    "1d": ((2, 8, 11), 4),
-    "3d": ((2, 8, 3, 4, 5), 2),
+    **ODD_SHAPES,
     "split_reduction": ((1, 8, 64, 64), 1),  # N*G=1: the group is reduced by several programs
     "many_groups": ((5, 64, 3, 3), 32),
 }
