@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Set up this checkout and run it: ``python3 dev.py demo`` or ``python3 dev.py test``.
+"""Set up this checkout and run it: ``python3 dev.py demo``, ``test`` or ``gpu``.
 
 Installs what is missing into the running Python (use a venv if you want isolation): torch 2.13.0
 only when no torch is importable (an installed torch, CPU or CUDA, is never replaced), the
 development requirements, then fusednorm itself in editable mode with its C++ extension.
+
+``gpu`` (on a CUDA machine): builds the extension's CUDA kernels for the present GPU, then runs
+``tools/gpu_validate.py`` (tests on CUDA, benchmarks, profiles, one report folder); extra
+arguments go to it, e.g. ``python3 dev.py gpu --out /tmp/gpu``.
 """
 import importlib.util
 import os
@@ -14,21 +18,42 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 TEST_COMMAND = [sys.executable, "-m", "pytest", "tests", "bench", "-q", "-p", "no:cacheprovider"]
 
 
-def pip(*args):
+def pip(*args, env=None):
     subprocess.check_call([sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                           "--no-input", *args], cwd=ROOT)
+                           "--no-input", *args], cwd=ROOT, env=env)
 
 
-def install():
+def install(env=None):
     if importlib.util.find_spec("torch") is None:
         pip("torch==2.13.0")
     pip("-r", "requirements-dev.txt")
-    pip("--no-build-isolation", "-e", ".")
+    pip("--no-build-isolation", "-e", ".", env=env)
+
+
+def gpu(extra_args):
+    """One line and exit status 2 without CUDA; else build for this GPU and validate."""
+    probe = ("import torch, sys; ok = torch.cuda.is_available(); "
+             "print('%d.%d' % torch.cuda.get_device_capability() if ok else ''); "
+             "sys.exit(0 if ok else 2)")
+    found = (subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+             if importlib.util.find_spec("torch") else None)
+    if found is None or found.returncode != 0:
+        sys.exit("dev.py gpu: no CUDA device here (torch.cuda.is_available() is False); nothing run")
+    env = dict(os.environ, TORCH_CUDA_ARCH_LIST=found.stdout.strip(),
+               MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 4)))
+    print(f"dev.py gpu: building the CUDA extension for sm_{found.stdout.strip()}", flush=True)
+    install(env)
+    env.pop("TRITON_INTERPRET", None)
+    sys.exit(subprocess.call([sys.executable, "tools/gpu_validate.py", *extra_args], cwd=ROOT,
+                             env=env))
 
 
 def main():
-    if len(sys.argv) != 2 or sys.argv[1] not in ("demo", "test", "install"):
-        sys.exit("usage: python3 dev.py {demo|test|install}")
+    commands = ("demo", "test", "install", "gpu")
+    if len(sys.argv) < 2 or sys.argv[1] not in commands or (sys.argv[1] != "gpu" and len(sys.argv) != 2):
+        sys.exit("usage: python3 dev.py {demo|test|install|gpu [--out DIR]}")
+    if sys.argv[1] == "gpu":
+        gpu(sys.argv[2:])
     install()
     if sys.argv[1] == "demo":
         sys.exit(subprocess.call([sys.executable, "examples/demo.py"], cwd=ROOT))

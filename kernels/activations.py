@@ -6,10 +6,13 @@ The ``ACT`` ids mirror ``fusednorm/activations.py``: 0 identity, 1 relu, 2 silu,
 import triton
 import triton.language as tl
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_GELU_TANH_C = 0.044715
+# Globals that a jitted function reads must be tl.constexpr: the compiler rejects plain floats
+# (the interpreter does not notice). Each is written right of a tensor operand: the interpreter
+# cannot multiply a constexpr on the left by a tensor.
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_GELU_TANH_C = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -33,7 +36,7 @@ def act_value(z, ACT: tl.constexpr, slope):
     elif ACT == 3:
         out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
     elif ACT == 4:
-        out = 0.5 * z * (1.0 + _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)))
+        out = 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI))
     elif ACT == 5:
         out = tl.where(z > 0, z, z * slope)
     else:
@@ -52,8 +55,8 @@ def act_grad(z, ACT: tl.constexpr, slope):
         cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2))
         out = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif ACT == 4:
-        t = _tanh(_SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z))
-        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_C * z * z)
+        t = _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * 3.0 * _GELU_TANH_C)
     elif ACT == 5:
         # "+ 0 * z" keeps the select in z's dtype (a bare scalar select would round to fp32)
         out = tl.where(z > 0, 1.0 + 0.0 * z, slope + 0.0 * z)

@@ -17,12 +17,18 @@ Backward (``backward``):
   4. ``_backward_params_kernel``  per channel: reduce partials over splits and n in a fixed
                                   order, then the proxy gradients; writes all parameter grads.
   5. ``_backward_dx_kernel``      dx = rstd * (gamma_c * g_z - SA/M - xhat * SB/M).
-No atomics anywhere: the backward is bitwise deterministic. Accumulation is fp32 (fp64 for fp64
+No atomics anywhere: the backward is bitwise deterministic. Integer arguments that only count
+(sizes of the grid, loop bounds, masks across tiles) are not specialized (``do_not_specialize``):
+one compiled kernel serves many shapes; strides and the sizes that mask the contiguous axis are,
+for aligned vector loads. Accumulation is fp32 (fp64 for fp64
 inputs). Only x and the per-(n, g) mean/rstd come from the forward.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -115,7 +121,7 @@ def _tile_coords(pid, num_c_blocks, num_s_blocks, C, S, BLOCK_C: tl.constexpr,
 # ----------------------------------------------------------------------------------------------
 # Forward kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["C", "K"])
 def _proxy_stats_kernel(
     weight_ptr,        # (C,) gamma
     bias_ptr,          # (C,) beta
@@ -124,10 +130,18 @@ def _proxy_stats_kernel(
     samples_ptr,       # (K,) proxy samples u_k, ACC_DTYPE
     proxy_mean_ptr,    # out (C,) m_c, ACC_DTYPE
     proxy_scale_ptr,   # out (C,) s_c = 1/sqrt(v_c + proxy_eps), ACC_DTYPE
-    C, K, slope, proxy_eps,
-    ACT: tl.constexpr, HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    C,                 # channels
+    K,                 # proxy samples
+    slope: tl.float64,      # leaky_relu slope (read only if ACT is leaky_relu)
+    proxy_eps: tl.float64,  # added to the proxy variance
+    ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_K: tl.constexpr,  # samples per step
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
 ):
+    slope = tl.full([], slope, ACC_DTYPE)
+    proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     weight, bias, proxy_bias, proxy_weight = _load_channel_params(
@@ -139,18 +153,24 @@ def _proxy_stats_kernel(
     tl.store(proxy_scale_ptr + offs_c, 1.0 / tl.sqrt(var + proxy_eps), mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["G", "tiles_per_split", "num_s_blocks", "num_tiles"])
 def _group_stats_kernel(
     x_ptr,             # input, (N, C, S) through strides
     count_ptr,         # out (N*G, SPLIT) partial element counts, ACC_DTYPE   (unused if FINALIZE)
     mean_ptr,          # out (N*G, SPLIT) partial means, or (N*G,) group means if FINALIZE
     m2_ptr,            # out (N*G, SPLIT) partial sums of squared deviations, or (N*G,) rstd
-    G, CPG, S, stride_n, stride_c, stride_s, eps,
+    G,                 # groups
+    CPG,               # channels per group, C // G
+    S,                 # spatial size, product of the spatial dims
+    stride_n, stride_c, stride_s,  # x's strides in elements, seen as (N, C, S)
+    eps: tl.float64,   # added to the group variance (used only if FINALIZE)
     tiles_per_split,   # (c-block, s-block) tiles of one group handled by each split
     num_s_blocks,      # s-blocks per group
     num_tiles,         # c-blocks * s-blocks per group
-    FINALIZE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
+    FINALIZE: tl.constexpr,  # one split per group: write mean/rstd, not partial states
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
+    INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
 ):
     ng = tl.program_id(0)
     split = tl.program_id(1)
@@ -184,7 +204,7 @@ def _group_stats_kernel(
         count = new_count
     if FINALIZE:
         tl.store(mean_ptr + ng, mean)
-        tl.store(m2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + eps))
+        tl.store(m2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + tl.full([], eps, ACC_DTYPE)))
     else:
         num_splits = tl.num_programs(1)
         tl.store(count_ptr + ng * num_splits + split, count)
@@ -192,14 +212,18 @@ def _group_stats_kernel(
         tl.store(m2_ptr + ng * num_splits + split, m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NG", "SPLIT"])
 def _group_stats_combine_kernel(
     count_ptr, mean_ptr, m2_ptr,   # (NG, SPLIT) partial Welford states, ACC_DTYPE
     group_mean_ptr,                # out (NG,) mean, ACC_DTYPE
     group_rstd_ptr,                # out (NG,) 1/sqrt(var + eps), ACC_DTYPE
-    NG, SPLIT, eps,
-    BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    NG,                # groups in all, N * G
+    SPLIT,             # partial states per group
+    eps: tl.float64,   # added to the group variance
+    BLOCK: tl.constexpr,      # groups per program
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
 ):
+    eps = tl.full([], eps, ACC_DTYPE)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NG
     count = tl.zeros([BLOCK], ACC_DTYPE)
@@ -219,7 +243,7 @@ def _group_stats_combine_kernel(
     tl.store(group_rstd_ptr + offs, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + eps), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "G", "CPG", "num_c_blocks", "num_s_blocks"])
 def _forward_apply_kernel(
     x_ptr,             # input, (N, C, S) through strides (stride_n, stride_c, stride_s)
     y_ptr,             # out, same shape and strides as x
@@ -229,10 +253,17 @@ def _forward_apply_kernel(
     bias_ptr,          # (C,) beta
     proxy_mean_ptr,    # (C,) m_c (read only if PROXY)
     proxy_scale_ptr,   # (C,) s_c (read only if PROXY)
-    C, S, G, CPG, stride_n, stride_c, stride_s, slope, num_c_blocks, num_s_blocks,
-    ACT: tl.constexpr, PROXY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
+    C, S, G, CPG,      # channels, spatial size, groups, channels per group
+    stride_n, stride_c, stride_s,  # x's (and y's) strides in elements, seen as (N, C, S)
+    slope: tl.float64,  # leaky_relu slope (read only if ACT is leaky_relu)
+    num_c_blocks, num_s_blocks,  # tiles along C and S: the grid is N * num_c_blocks * num_s_blocks
+    ACT: tl.constexpr,  # activation id (fusednorm/activations.py)
+    PROXY: tl.constexpr,  # Proxy Normalization on
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
+    INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
 ):
+    slope = tl.full([], slope, ACC_DTYPE)
     n, offs_c, offs_s, mask_c, mask_s = _tile_coords(
         tl.program_id(0), num_c_blocks, num_s_blocks, C, S, BLOCK_C, BLOCK_S, INDEX_64)
     mask = mask_c[:, None] & mask_s[None, :]
@@ -253,7 +284,7 @@ def _forward_apply_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "G", "CPG", "num_c_blocks", "s_per_split"])
 def _backward_partials_kernel(
     grad_ptr,          # dL/dy, (N, C, S) through strides (stride_gn, stride_gc, stride_gs)
     x_ptr,             # input, (N, C, S) through strides (stride_n, stride_c, stride_s)
@@ -263,12 +294,20 @@ def _backward_partials_kernel(
     bias_ptr,          # (C,) beta
     proxy_mean_ptr,    # (C,) m_c (read only if PROXY)
     proxy_scale_ptr,   # (C,) s_c (read only if PROXY)
-    partials_ptr,      # out (4, SPLIT, N, C): sum_s g_z, g_z*xhat, g, g*a
-    N, C, S, G, CPG, stride_n, stride_c, stride_s, stride_gn, stride_gc, stride_gs, slope,
-    num_c_blocks, s_per_split,
-    ACT: tl.constexpr, PROXY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
+    partials_ptr,      # out (4, SPLIT, N, C): A, B, D, E = sum_s g_z, g_z*xhat, g, g*a
+    N, C, S, G, CPG,   # batch, channels, spatial size, groups, channels per group
+    stride_n, stride_c, stride_s,     # x's strides in elements, seen as (N, C, S)
+    stride_gn, stride_gc, stride_gs,  # grad's strides likewise
+    slope: tl.float64,  # leaky_relu slope (read only if ACT is leaky_relu)
+    num_c_blocks,      # channel tiles: the grid is (N * num_c_blocks, SPLIT)
+    s_per_split,       # spatial positions reduced by each split (a multiple of BLOCK_S)
+    ACT: tl.constexpr,  # activation id (fusednorm/activations.py)
+    PROXY: tl.constexpr,  # Proxy Normalization on: also D and E, and g_z scaled by s_c
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
+    INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
 ):
+    slope = tl.full([], slope, ACC_DTYPE)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n = pid // num_c_blocks
@@ -282,10 +321,12 @@ def _backward_partials_kernel(
     if PROXY:
         proxy_mean = tl.load(proxy_mean_ptr + offs_c, mask=mask_c, other=0.0)
         proxy_scale = tl.load(proxy_scale_ptr + offs_c, mask=mask_c, other=0.0)
-    sum_gz = tl.zeros([BLOCK_C, BLOCK_S], ACC_DTYPE)
-    sum_gz_xhat = tl.zeros([BLOCK_C, BLOCK_S], ACC_DTYPE)
-    sum_g = tl.zeros([BLOCK_C, BLOCK_S], ACC_DTYPE)
-    sum_g_a = tl.zeros([BLOCK_C, BLOCK_S], ACC_DTYPE)
+    # Per-channel accumulators: each tile is reduced along S before it is added, so that the
+    # loop carries 4 * BLOCK_C values, not four full tiles (registers; no spills).
+    sum_gz = tl.zeros([BLOCK_C], ACC_DTYPE)
+    sum_gz_xhat = tl.zeros([BLOCK_C], ACC_DTYPE)
+    sum_g = tl.zeros([BLOCK_C], ACC_DTYPE)
+    sum_g_a = tl.zeros([BLOCK_C], ACC_DTYPE)
     s_start = split * s_per_split
     s_end = tl.minimum(s_start + s_per_split, S)
     for s0 in range(s_start, s_end, BLOCK_S):
@@ -302,27 +343,29 @@ def _backward_partials_kernel(
         g_z = g * act_grad(z, ACT, slope)
         if PROXY:
             g_z = g_z * proxy_scale[:, None]
-            sum_g += g
-            sum_g_a += tl.where(mask, g * act_value(z, ACT, slope), 0.0)
+            sum_g += tl.sum(g, axis=1)
+            sum_g_a += tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1)
         g_z = tl.where(mask, g_z, 0.0)
-        sum_gz += g_z
-        sum_gz_xhat += g_z * xhat
+        sum_gz += tl.sum(g_z, axis=1)
+        sum_gz_xhat += tl.sum(g_z * xhat, axis=1)
     out = partials_ptr + split * N * C + n * C + offs_c
     plane = tl.num_programs(1) * N * C
-    tl.store(out, tl.sum(sum_gz, axis=1), mask=mask_c)
-    tl.store(out + plane, tl.sum(sum_gz_xhat, axis=1), mask=mask_c)
+    tl.store(out, sum_gz, mask=mask_c)
+    tl.store(out + plane, sum_gz_xhat, mask=mask_c)
     if PROXY:
-        tl.store(out + 2 * plane, tl.sum(sum_g, axis=1), mask=mask_c)
-        tl.store(out + 3 * plane, tl.sum(sum_g_a, axis=1), mask=mask_c)
+        tl.store(out + 2 * plane, sum_g, mask=mask_c)
+        tl.store(out + 3 * plane, sum_g_a, mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "G", "SPLIT"])
 def _backward_group_sums_kernel(
     partials_ptr,      # (4, SPLIT, N, C) from _backward_partials_kernel
     weight_ptr,        # (C,) gamma
     group_sums_ptr,    # out (2, N, G): SA = sum_{c in g} gamma_c A_nc, SB likewise with B_nc
-    N, C, G, CPG, SPLIT,
-    BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    N, C, G, CPG,      # batch, channels, groups, channels per group
+    SPLIT,             # spatial splits of the partials, summed here in a fixed order
+    BLOCK_C: tl.constexpr,    # channels per step
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
 ):
     ng = tl.program_id(0)
     n = ng // G
@@ -346,7 +389,7 @@ def _backward_group_sums_kernel(
     tl.store(group_sums_ptr + N * G + ng, tl.sum(sum_b))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "K", "ROWS"])
 def _backward_params_kernel(
     partials_ptr,      # (4, SPLIT, N, C) from _backward_partials_kernel
     weight_ptr,        # (C,) gamma
@@ -355,25 +398,39 @@ def _backward_params_kernel(
     proxy_weight_ptr,  # (C,) gamma~ (read only if HAS_PROXY_WEIGHT)
     samples_ptr,       # (K,) proxy samples u_k
     grad_params_ptr,   # out (4, C) ACC_DTYPE: dgamma, dbeta, dbeta~, dgamma~
-    N, C, K, SPLIT, slope, proxy_eps,
-    ACT: tl.constexpr, PROXY: tl.constexpr, HAS_PROXY_BIAS: tl.constexpr,
-    HAS_PROXY_WEIGHT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    C,                 # channels
+    K,                 # proxy samples
+    ROWS,              # rows of each partials plane, SPLIT * N, reduced here
+    slope: tl.float64,      # leaky_relu slope (read only if ACT is leaky_relu)
+    proxy_eps: tl.float64,  # added to the proxy variance
+    ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
+    PROXY: tl.constexpr,    # Proxy Normalization on: D, E and the proxy gradients too
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per step of the reduction
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_K: tl.constexpr,  # proxy samples per step
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
 ):
+    slope = tl.full([], slope, ACC_DTYPE)
+    proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    plane = SPLIT * N * C
+    plane = ROWS * C
     sum_a = tl.zeros([BLOCK_C], ACC_DTYPE)
     sum_b = tl.zeros([BLOCK_C], ACC_DTYPE)
     sum_d = tl.zeros([BLOCK_C], ACC_DTYPE)
     sum_e = tl.zeros([BLOCK_C], ACC_DTYPE)
-    for i in range(0, SPLIT * N):  # fixed order over (split, n): deterministic
-        ptr = partials_ptr + i * C + offs_c
-        sum_a += tl.load(ptr, mask=mask_c, other=0.0)
-        sum_b += tl.load(ptr + plane, mask=mask_c, other=0.0)
+    # [BLOCK_R, BLOCK_C] tiles of the (ROWS, C) planes, each reduced over its rows: a fixed
+    # order for a given launch plan, so the result is deterministic.
+    for r0 in range(0, ROWS, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask = (offs_r < ROWS)[:, None] & mask_c[None, :]
+        ptr = partials_ptr + offs_r[:, None] * C + offs_c[None, :]
+        sum_a += tl.sum(tl.load(ptr, mask=mask, other=0.0), axis=0)
+        sum_b += tl.sum(tl.load(ptr + plane, mask=mask, other=0.0), axis=0)
         if PROXY:
-            sum_d += tl.load(ptr + 2 * plane, mask=mask_c, other=0.0)
-            sum_e += tl.load(ptr + 3 * plane, mask=mask_c, other=0.0)
+            sum_d += tl.sum(tl.load(ptr + 2 * plane, mask=mask, other=0.0), axis=0)
+            sum_e += tl.sum(tl.load(ptr + 3 * plane, mask=mask, other=0.0), axis=0)
     grad_weight = sum_b
     grad_bias = sum_a
     grad_proxy_bias = tl.zeros([BLOCK_C], ACC_DTYPE)
@@ -412,7 +469,7 @@ def _backward_params_kernel(
     tl.store(grad_params_ptr + 3 * C + offs_c, grad_proxy_weight, mask=mask_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "G", "CPG", "num_c_blocks", "num_s_blocks"])
 def _backward_dx_kernel(
     grad_ptr,          # dL/dy, (N, C, S) through strides (stride_gn, stride_gc, stride_gs)
     x_ptr,             # input, (N, C, S) through strides (stride_n, stride_c, stride_s)
@@ -423,17 +480,26 @@ def _backward_dx_kernel(
     weight_ptr,        # (C,) gamma
     bias_ptr,          # (C,) beta
     proxy_scale_ptr,   # (C,) s_c (read only if PROXY)
-    N, C, S, G, CPG, stride_n, stride_c, stride_s, stride_gn, stride_gc, stride_gs, slope,
-    num_c_blocks, num_s_blocks,
-    ACT: tl.constexpr, PROXY: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, INDEX_64: tl.constexpr,
+    N, C, S, G, CPG,   # batch, channels, spatial size, groups, channels per group
+    stride_n, stride_c, stride_s,     # x's (and dx's) strides in elements, seen as (N, C, S)
+    stride_gn, stride_gc, stride_gs,  # grad's strides likewise
+    slope: tl.float64,  # leaky_relu slope (read only if ACT is leaky_relu)
+    inv_m: tl.float64,  # 1 / M, M = CPG * S elements per group (from the host: CPG and S may
+                        # both be the compile-time constant 1)
+    num_c_blocks, num_s_blocks,  # tiles along C and S: the grid is N * num_c_blocks * num_s_blocks
+    ACT: tl.constexpr,  # activation id (fusednorm/activations.py)
+    PROXY: tl.constexpr,  # Proxy Normalization on
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
+    INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
 ):
+    slope = tl.full([], slope, ACC_DTYPE)
+    inv_m = tl.full([], inv_m, ACC_DTYPE)
     n, offs_c, offs_s, mask_c, mask_s = _tile_coords(
         tl.program_id(0), num_c_blocks, num_s_blocks, C, S, BLOCK_C, BLOCK_S, INDEX_64)
     mask = mask_c[:, None] & mask_s[None, :]
     group, mean, rstd, weight, bias = _load_norm_params(
         group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c, G, CPG, ACC_DTYPE)
-    inv_m = 1.0 / (CPG * S).to(ACC_DTYPE)
     sum_a = tl.load(group_sums_ptr + group, mask=mask_c, other=0.0) * inv_m
     sum_b = tl.load(group_sums_ptr + N * G + group, mask=mask_c, other=0.0) * inv_m
     x = tl.load(x_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
@@ -474,9 +540,26 @@ def _acc_dtype(x: torch.Tensor):
     return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp64 for fp64 input, fp32 otherwise: the dtype of mean/rstd and of the proxy samples."""
-    return _acc_dtype(x)[1]
+@dataclass(frozen=True)
+class DeviceTraits:
+    """What the launch plan depends on: GPU tiles or the interpreter's, and the SM count."""
+    gpu: bool
+    sm_count: int
+
+
+_TRAITS_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("fusednorm_traits", default=None)
+
+
+@contextlib.contextmanager
+def plan_as_gpu(sm_count: int):
+    """Launch plans (tiles, splits, warps) as for a GPU with ``sm_count`` SMs, whatever device the
+    tensors are on: lets ``tools/gpu_compile.py`` compile, on a machine without a GPU, exactly the
+    specializations a GPU run would launch."""
+    token = _TRAITS_OVERRIDE.set(DeviceTraits(gpu=True, sm_count=sm_count))
+    try:
+        yield
+    finally:
+        _TRAITS_OVERRIDE.reset(token)
 
 
 @functools.lru_cache(maxsize=None)
@@ -484,17 +567,27 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the device. On CPU (the interpreter) a small number, so that the
-    split-reduction paths are exercised by small test shapes."""
+def device_traits(device: torch.device) -> DeviceTraits:
+    override = _TRAITS_OVERRIDE.get()
+    if override is not None:
+        return override
     if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 8
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return DeviceTraits(gpu=True, sm_count=_sm_count(index))
+    return DeviceTraits(gpu=False, sm_count=2)
 
 
-def _tile_shape(channels: int, spatial: int, channels_last: bool, device: torch.device):
+def _target_programs(traits: DeviceTraits) -> int:
+    """Programs that fill the device. Under the interpreter a small number, so that the
+    split-reduction paths are exercised by small test shapes."""
+    return 4 * traits.sm_count if traits.gpu else 8
+
+
+def _tile_shape(channels: int, spatial: int, channels_last: bool, traits: DeviceTraits):
     """(BLOCK_C, BLOCK_S) of a 2-D tile; the contiguous axis gets the larger share."""
-    tile = 2048 if device.type == "cuda" else 16384  # the interpreter pays per program, not per lane
+    # 1024 elements: 8 per thread of 4 warps. The backward holds x, g and several intermediates
+    # per element; 2048-element tiles spilled (ptxas kept 8-warp programs at 80 registers).
+    tile = 1024 if traits.gpu else 16384  # the interpreter pays per program, not per lane
     if channels_last:
         block_c = min(triton.next_power_of_2(channels), 64)
         block_s = min(triton.next_power_of_2(spatial), max(1, tile // block_c))
@@ -506,6 +599,21 @@ def _tile_shape(channels: int, spatial: int, channels_last: bool, device: torch.
 
 def _num_warps(block_c: int, block_s: int) -> int:
     return 8 if block_c * block_s >= 4096 else 4
+
+
+def _on_device(x_position: int):
+    """Runs a launcher with its x argument's CUDA device current: Triton launches on the current
+    device, which need not be the tensor's."""
+    def decorate(launcher):
+        @functools.wraps(launcher)
+        def wrapper(*args, **kwargs):
+            x = args[x_position]
+            if not x.is_cuda:
+                return launcher(*args, **kwargs)
+            with torch.cuda.device(x.device):
+                return launcher(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class _Launch:
@@ -524,13 +632,15 @@ class _Launch:
         self.has_proxy_bias = proxy_bias is not None
         self.has_proxy_weight = proxy_weight is not None
         self.device = x.device
+        self.traits = device_traits(x.device)
 
     def proxy_stats(self, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples):
         num_samples = samples.numel()
         proxy_mean = torch.empty(self.C, dtype=self.acc_torch, device=self.device)
         proxy_scale = torch.empty_like(proxy_mean)
         block_c = min(triton.next_power_of_2(self.C), 16)
-        block_k = min(triton.next_power_of_2(num_samples), 256)
+        # [16, 64] tiles: 8 samples per thread (256 wide took up to 240 registers)
+        block_k = min(triton.next_power_of_2(num_samples), 64)
         _proxy_stats_kernel[(triton.cdiv(self.C, block_c),)](
             weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight), samples,
             proxy_mean, proxy_scale, self.C, num_samples, slope, proxy_eps,
@@ -539,7 +649,7 @@ class _Launch:
         return proxy_mean, proxy_scale
 
     def elementwise_grid(self):
-        block_c, block_s = _tile_shape(self.C, self.S, self.channels_last, self.device)
+        block_c, block_s = _tile_shape(self.C, self.S, self.channels_last, self.traits)
         num_c_blocks, num_s_blocks = triton.cdiv(self.C, block_c), triton.cdiv(self.S, block_s)
         grid = (self.N * num_c_blocks * num_s_blocks,)
         meta = dict(num_c_blocks=num_c_blocks, num_s_blocks=num_s_blocks, BLOCK_C=block_c,
@@ -552,11 +662,18 @@ def _or(tensor, fallback):
     return fallback if tensor is None else tensor
 
 
+def _dense_params(*params):
+    """The kernels index parameters as ``ptr + c``: a strided view (``w[::2]``) is copied."""
+    return tuple(None if p is None else p.contiguous() for p in params)
+
+
+@_on_device(x_position=0)
 def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, activation, slope,
             eps, proxy_eps, proxy):
     """Returns (y, mean, rstd); y has x's dtype and layout, mean/rstd are (N, G) in fp32
     (fp64 for fp64 input). ``samples`` are the K proxy samples u_k in the accumulation dtype."""
     x = dense_layout(x)
+    weight, bias, proxy_bias, proxy_weight = _dense_params(weight, bias, proxy_bias, proxy_weight)
     launch = _Launch(x, num_groups, activation, proxy_bias, proxy_weight)
     N, C, S, G, CPG = launch.N, launch.C, launch.S, launch.G, launch.CPG
     y = torch.empty_like(x)
@@ -569,10 +686,10 @@ def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, acti
         proxy_mean = proxy_scale = mean
 
     # Group statistics, split over programs when N*G alone would not fill the device.
-    block_c, block_s = _tile_shape(CPG, S, launch.channels_last, x.device)
+    block_c, block_s = _tile_shape(CPG, S, launch.channels_last, launch.traits)
     num_s_blocks = triton.cdiv(S, block_s)
     num_tiles = triton.cdiv(CPG, block_c) * num_s_blocks
-    target = _target_programs(x.device)
+    target = _target_programs(launch.traits)
     splits = 1 if N * G >= target else min(num_tiles, triton.cdiv(target, N * G))
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
@@ -599,6 +716,7 @@ def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, acti
     return y, mean, rstd
 
 
+@_on_device(x_position=1)
 def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean, rstd,
              num_groups, activation, slope, proxy_eps, proxy):
     """Returns (dx, dweight, dbias, dproxy_bias, dproxy_weight). dx has x's dtype and layout;
@@ -606,6 +724,9 @@ def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean,
     PN is off or the proxy parameter is absent)."""
     x = dense_layout(x)
     grad_out = dense_layout(grad_out)
+    param_dtypes = (weight.dtype, bias.dtype, _or(proxy_bias, weight).dtype,
+                    _or(proxy_weight, weight).dtype)
+    weight, bias, proxy_bias, proxy_weight = _dense_params(weight, bias, proxy_bias, proxy_weight)
     launch = _Launch(x, num_groups, activation, proxy_bias, proxy_weight)
     N, C, S, G, CPG = launch.N, launch.C, launch.S, launch.G, launch.CPG
     grad_strides = _strides_ncs(grad_out)
@@ -616,10 +737,10 @@ def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean,
         proxy_mean = proxy_scale = mean
 
     # Per-(n, c) partial sums, split over S when N * C-blocks alone would not fill the device.
-    block_c, block_s = _tile_shape(C, S, launch.channels_last, x.device)
+    block_c, block_s = _tile_shape(C, S, launch.channels_last, launch.traits)
     num_c_blocks = triton.cdiv(C, block_c)
     num_s_blocks = triton.cdiv(S, block_s)
-    target = _target_programs(x.device)
+    target = _target_programs(launch.traits)
     rows = N * num_c_blocks
     splits = 1 if rows >= target else min(num_s_blocks, triton.cdiv(target, rows))
     s_per_split = triton.cdiv(num_s_blocks, splits) * block_s
@@ -637,21 +758,20 @@ def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean,
         BLOCK_C=min(triton.next_power_of_2(CPG), 1024), ACC_DTYPE=launch.acc_tl)
 
     grad_params = torch.empty((4, C), dtype=launch.acc_torch, device=x.device)
-    block_c_params = min(triton.next_power_of_2(C), 16 if proxy else 128)
+    # Few channels per program with PN (each evaluates K proxy samples per channel), many without.
+    block_c_params = min(triton.next_power_of_2(C), 16 if proxy else 64)
     _backward_params_kernel[(triton.cdiv(C, block_c_params),)](
         partials, weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight), samples,
-        grad_params, N, C, samples.numel(), splits, slope, proxy_eps,
+        grad_params, C, samples.numel(), splits * N, slope, proxy_eps,
         PROXY=proxy, HAS_PROXY_BIAS=launch.has_proxy_bias, HAS_PROXY_WEIGHT=launch.has_proxy_weight,
-        BLOCK_C=block_c_params, BLOCK_K=min(triton.next_power_of_2(samples.numel()), 256),
-        **launch.flags)
+        BLOCK_R=min(triton.next_power_of_2(splits * N), 32), BLOCK_C=block_c_params,
+        BLOCK_K=min(triton.next_power_of_2(samples.numel()), 64), **launch.flags)
 
     dx = torch.empty_like(x)
     grid, meta = launch.elementwise_grid()
     _backward_dx_kernel[grid](
         grad_out, x, dx, mean, rstd, group_sums, weight, bias, proxy_scale,
-        N, C, S, G, CPG, *launch.strides, *grad_strides, slope, PROXY=proxy,
+        N, C, S, G, CPG, *launch.strides, *grad_strides, slope, 1.0 / (CPG * S), PROXY=proxy,
         **launch.flags, **meta)
     # Separate tensors (the ops' outputs may not alias one another), each in its parameter's dtype.
-    param_dtypes = (weight.dtype, bias.dtype, _or(proxy_bias, weight).dtype,
-                    _or(proxy_weight, weight).dtype)
     return (dx, *(grad.to(dtype, copy=True) for grad, dtype in zip(grad_params, param_dtypes)))

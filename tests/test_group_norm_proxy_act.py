@@ -135,3 +135,17 @@ def test_empty_batch(backend):
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_tensor_on_a_device_that_is_not_current():
+    """Triton launches on the current CUDA device: the launchers make x's device current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    x, params = make_inputs((2, 8, 5, 5), dtype=torch.float32, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    y = fusednorm.group_norm_proxy_act(x, 4, **params, backend="triton")
+    y.backward(torch.ones_like(y))
+    ref = fusednorm.reference.group_norm_proxy_act(x.detach().cpu(), 4,
+                                                   **{k: v.detach().cpu() for k, v in params.items()})
+    torch.testing.assert_close(y.cpu(), ref.float(), rtol=1e-4, atol=1e-4)
+    assert x.grad.device == x.device and torch.isfinite(x.grad).all()
