@@ -22,6 +22,7 @@ Writes a table to stdout and <device>[-quick]-<date>.csv/.json/.png under bench/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -46,6 +47,8 @@ from torch import nn
 
 import fusednorm
 from fusednorm import ops, reference
+from fusednorm.kernels.group_norm_proxy_act import PATH_ENV as TRITON_PATH_ENV
+from fusednorm.kernels.group_norm_proxy_act import PATHS as TRITON_PATHS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -142,6 +145,7 @@ class Provider:
     # unavailable(device) -> why this provider cannot run on this device, or None
     unavailable: Callable[[torch.device], Optional[str]]
     fused: bool = False  # a fusednorm backend: its speedup over every baseline is reported
+    env: tuple = ()  # (name, value) environment settings while this provider runs
 
 
 def fused_builder(backend: str):
@@ -220,6 +224,10 @@ def always_available(device):
 
 PROVIDERS = {p.name: p for p in (
     Provider("fusednorm-triton", fused_builder("triton"), triton_unavailable, fused=True),
+    # Each path of the Triton kernels forced (kernels/group_norm_proxy_act.py, choose_path), so
+    # that the rule "auto" follows can be checked against measurements.
+    *(Provider(f"fusednorm-triton-{path}", fused_builder("triton"), triton_unavailable,
+               fused=True, env=((TRITON_PATH_ENV, path),)) for path in TRITON_PATHS),
     Provider("fusednorm-cuda", fused_builder("cuda"), extension_unavailable("cuda"), fused=True),
     Provider("fusednorm-cpu", fused_builder("cpu"), extension_unavailable("cpu"), fused=True),
     Provider("reference", build_reference, always_available),
@@ -352,8 +360,29 @@ class Result:
         return (self.shape_set, self.shape, self.op, self.dtype, self.layout, self.mode)
 
 
+@contextlib.contextmanager
+def environment(settings):
+    """os.environ with ``settings`` ((name, value) pairs) for the duration of the block."""
+    saved = {name: os.environ.get(name) for name, _ in settings}
+    os.environ.update(dict(settings))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def measure_provider(provider, case, inputs, dtype_name, layout, args, timer, copy_gbps):
     """The results of every mode of one provider on one case."""
+    with environment(provider.env):
+        return _measure_provider(provider, case, inputs, dtype_name, layout, args, timer,
+                                 copy_gbps)
+
+
+def _measure_provider(provider, case, inputs, dtype_name, layout, args, timer, copy_gbps):
     x = inputs.x
     t_bytes = x.numel() * x.element_size()
     grad_y = torch.randn_like(x)  # x's layout

@@ -4,30 +4,37 @@ Every kernel sees the input as a 3-D array (N, C, S) through strides (stride_n, 
 stride_s), S = product of the spatial sizes: a contiguous (NCHW) input has strides (C*S, S, 1),
 a channels-last (NHWC, NDHWC) one (S*C, 1, C). Neither layout is copied.
 
-Forward (``forward``):
-  1. ``_proxy_stats_kernel``      per channel: proxy mean m_c and scale s_c from the K samples.
-  2. ``_group_stats_kernel``      per (n, g) and split: Welford partials (count, mean, M2),
-                                  merged tile by tile (Chan); finalises mean/rstd when unsplit.
-     ``_group_stats_combine_kernel``  merges the splits of each (n, g) in a fixed order.
-  3. ``_forward_apply_kernel``    y = s_c * (act(gamma_c * xhat + beta_c) - m_c).
-Backward (``backward``):
-  1. ``_proxy_stats_kernel``      recomputes m_c, s_c.
-  2. ``_backward_partials_kernel`` per (n, c) and split: sum g_z, g_z*xhat, g, g*a.
-  3. ``_backward_group_sums_kernel`` per (n, g): SA, SB = sums of gamma_c * partials.
-  4. ``_backward_params_kernel``  per channel: reduce partials over splits and n in a fixed
-                                  order, then the proxy gradients; writes all parameter grads.
-  5. ``_backward_dx_kernel``      dx = rstd * (gamma_c * g_z - SA/M - xhat * SB/M).
+Three paths; ``choose_path`` picks one per call ($FUSEDNORM_TRITON_PATH forces one), and the
+launchers build a ``Plan`` (the launches and the bytes each moves) before launching it:
+
+resident / looped (one program per (n, g) group):
+  forward   ``_forward_group_kernel``   statistics, affine, activation, PN: 1 launch. The proxy
+                                        statistics of the group's channels in its prologue.
+  backward  ``_backward_group_kernel``  per-channel partials A, B, D, E, group sums SA, SB, dx.
+            ``_backward_params_kernel`` per channel: the partials reduced over n, then the proxy
+                                        gradients; every parameter gradient. 2 launches.
+  resident keeps the group in registers (x read once: 2T forward, 3T backward); looped walks
+  it twice, the second time from L2.
+split (few, large groups: N*G below the SM count):
+  forward   ``_proxy_stats_kernel`` (m_c, s_c), ``_group_stats_kernel`` (Welford partials per
+            (n, g) and split, merged tile by tile with Chan's formula),
+            ``_group_stats_combine_kernel`` (fixed-order merge), ``_forward_apply_kernel``.
+  backward  ``_proxy_stats_kernel``, ``_backward_partials_kernel`` (per (n, c) and split),
+            ``_backward_group_sums_kernel`` (SA, SB), ``_backward_dx_kernel``,
+            ``_backward_params_kernel``.
 No atomics anywhere: the backward is bitwise deterministic. Integer arguments that only count
 (sizes of the grid, loop bounds, masks across tiles) are not specialized (``do_not_specialize``):
 one compiled kernel serves many shapes; strides and the sizes that mask the contiguous axis are,
-for aligned vector loads. Accumulation is fp32 (fp64 for fp64
-inputs). Only x and the per-(n, g) mean/rstd come from the forward.
+for aligned vector loads. Accumulation is fp32 (fp64 for fp64 inputs); float scalars (eps,
+slope) arrive as fp64 and are rounded to the accumulation dtype in the kernel. Only x and the
+per-(n, g) mean/rstd come from the forward.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +94,66 @@ def _load_channel_params(weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr,
     else:
         proxy_weight = tl.zeros(weight.shape, ACC_DTYPE)
     return weight, bias, proxy_bias, proxy_weight
+
+
+@triton.jit
+def _channel_params(weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr, offs_c,
+                    mask_c, K, slope, proxy_eps, ACT: tl.constexpr, PROXY: tl.constexpr,
+                    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+                    BLOCK_K: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """gamma, beta, proxy mean m_c and scale s_c of the channels ``offs_c``. The proxy statistics
+    are computed here, in the prologue of the kernel that needs them, rather than by a launch of
+    their own (m = 0, s = 1 when PN is off)."""
+    weight, bias, proxy_bias, proxy_weight = _load_channel_params(
+        weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, offs_c, mask_c,
+        HAS_PROXY_BIAS, HAS_PROXY_WEIGHT, ACC_DTYPE)
+    if PROXY:
+        proxy_mean, proxy_var = _proxy_moments(weight, bias, proxy_bias, proxy_weight, samples_ptr,
+                                               K, slope, ACT, BLOCK_K, ACC_DTYPE)
+        proxy_scale = 1.0 / tl.sqrt(proxy_var + proxy_eps)
+    else:
+        proxy_mean = tl.zeros(weight.shape, ACC_DTYPE)
+        proxy_scale = tl.zeros(weight.shape, ACC_DTYPE) + 1.0
+    return weight, bias, proxy_mean, proxy_scale
+
+
+@triton.jit
+def _chan_merge(count, mean, m2, x, mask):
+    """Merge the Welford state (count, mean, M2) with a tile's own, computed by an in-register
+    two-pass (Chan's formula): stable for offset data (mean 1e4, std 1), unlike E[x^2] - E[x]^2."""
+    tile_count = tl.sum(mask.to(mean.dtype))
+    tile_mean = tl.sum(x) / tl.maximum(tile_count, 1.0)
+    d = tl.where(mask, x - tile_mean, 0.0)
+    tile_m2 = tl.sum(d * d)
+    new_count = count + tile_count
+    delta = tile_mean - mean
+    ratio = tile_count / tl.maximum(new_count, 1.0)
+    return new_count, mean + delta * ratio, m2 + tile_m2 + delta * delta * count * ratio
+
+
+@triton.jit
+def _apply(x, mean, rstd, weight, bias, proxy_mean, proxy_scale, slope, ACT: tl.constexpr,
+           PROXY: tl.constexpr):
+    """y of a [BLOCK_C, BLOCK_S] tile, per-channel vectors broadcast along S."""
+    # (x - mean) * (gamma * rstd) rather than the folded A*x + B: one rounding of the mean
+    # instead of a cancellation between two large terms on offset data.
+    out = act_value((x - mean) * (weight * rstd)[:, None] + bias[:, None], ACT, slope)
+    if PROXY:
+        out = proxy_scale[:, None] * (out - proxy_mean[:, None])
+    return out
+
+
+@triton.jit
+def _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope, ACT: tl.constexpr,
+               PROXY: tl.constexpr):
+    """xhat, g_z = s_c g phi'(z) (0 outside the mask) and a = phi(z) of a [BLOCK_C, BLOCK_S]
+    tile; mean/rstd are the group's (scalars or per-channel vectors broadcast along S)."""
+    xhat = (x - mean) * rstd
+    z = weight[:, None] * xhat + bias[:, None]
+    g_z = g * act_grad(z, ACT, slope)
+    if PROXY:
+        g_z = g_z * proxy_scale[:, None]
+    return xhat, tl.where(mask, g_z, 0.0), z
 
 
 @triton.jit
@@ -191,17 +258,7 @@ def _group_stats_kernel(
         mask = (offs_c < CPG)[:, None] & (offs_s < S)[None, :]
         x = tl.load(base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
                     mask=mask, other=0.0).to(ACC_DTYPE)
-        # Welford state of the tile from an in-register two-pass, merged with Chan's formula:
-        # stable for offset data (mean 1e4, std 1), unlike E[x^2] - E[x]^2.
-        tile_count = tl.sum(mask.to(ACC_DTYPE))
-        tile_mean = tl.sum(x) / tile_count
-        d = tl.where(mask, x - tile_mean, 0.0)
-        tile_m2 = tl.sum(d * d)
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
+        count, mean, m2 = _chan_merge(count, mean, m2, x, mask)
     if FINALIZE:
         tl.store(mean_ptr + ng, mean)
         tl.store(m2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + tl.full([], eps, ACC_DTYPE)))
@@ -271,14 +328,110 @@ def _forward_apply_kernel(
         group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c, G, CPG, ACC_DTYPE)
     offsets = n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-    # (x - mean) * (gamma * rstd) rather than the folded A*x + B: one rounding of the mean
-    # instead of a cancellation between two large terms on offset data.
-    out = act_value((x - mean[:, None]) * (weight * rstd)[:, None] + bias[:, None], ACT, slope)
+    proxy_mean = mean  # unused placeholders when PN is off
+    proxy_scale = rstd
     if PROXY:
         proxy_mean = tl.load(proxy_mean_ptr + offs_c, mask=mask_c, other=0.0)
         proxy_scale = tl.load(proxy_scale_ptr + offs_c, mask=mask_c, other=0.0)
-        out = proxy_scale[:, None] * (out - proxy_mean[:, None])
+    out = _apply(x, mean[:, None], rstd, weight, bias, proxy_mean, proxy_scale, slope, ACT, PROXY)
     tl.store(y_ptr + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["C", "G", "K"])
+def _forward_group_kernel(
+    x_ptr,             # input, (N, C, S) through strides (stride_n, stride_c, stride_s)
+    y_ptr,             # out, same shape and strides as x
+    group_mean_ptr,    # out (N, G) ACC_DTYPE
+    group_rstd_ptr,    # out (N, G) ACC_DTYPE
+    weight_ptr,        # (C,) gamma
+    bias_ptr,          # (C,) beta
+    proxy_bias_ptr,    # (C,) beta~ (read only if HAS_PROXY_BIAS)
+    proxy_weight_ptr,  # (C,) gamma~ (read only if HAS_PROXY_WEIGHT)
+    samples_ptr,       # (K,) proxy samples u_k, ACC_DTYPE (read only if PROXY)
+    C, G, CPG, S,      # channels, groups, channels per group, spatial size
+    stride_n, stride_c, stride_s,  # x's (and y's) strides in elements, seen as (N, C, S)
+    K,                 # proxy samples
+    slope: tl.float64,      # leaky_relu slope (read only if ACT is leaky_relu)
+    eps: tl.float64,        # added to the group variance
+    proxy_eps: tl.float64,  # added to the proxy variance
+    inv_m: tl.float64,      # 1 / (CPG * S), from the host
+    ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
+    PROXY: tl.constexpr,    # Proxy Normalization on
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    RESIDENT: tl.constexpr,  # the group is one [BLOCK_C, BLOCK_S] tile (else: loop over tiles)
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
+    BLOCK_K: tl.constexpr,  # proxy samples per step of the prologue
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
+    INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
+):
+    """The whole forward of one (n, g) group in one program, one launch for the whole op.
+
+    RESIDENT: the group is loaded once into registers; mean and variance by two passes over the
+    registers (numerically stable), then y: x is read once from memory (2T in all).
+    Otherwise the program walks the group twice, Welford/Chan over tiles, then y. The second walk
+    follows the first within the same program, so it reads the group back from L2 while the
+    programs running at once hold less than L2 (N*G programs, a few per SM, each group read
+    shortly before): 2T from memory plus T from L2. A persistent walk was chosen over a
+    thread-block-cluster reduction because Triton does not expose clusters' distributed shared
+    memory; groups too large for the per-group grid to fill the GPU take the split path."""
+    slope = tl.full([], slope, ACC_DTYPE)
+    eps = tl.full([], eps, ACC_DTYPE)
+    proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)
+    inv_m = tl.full([], inv_m, ACC_DTYPE)
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    if INDEX_64:
+        n = n.to(tl.int64)
+        g = g.to(tl.int64)
+    x_base = x_ptr + n * stride_n + g * CPG * stride_c
+    y_base = y_ptr + n * stride_n + g * CPG * stride_c
+    if RESIDENT:
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_c = offs_c < CPG
+        mask = mask_c[:, None] & (offs_s < S)[None, :]
+        offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+        x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        mean = tl.sum(x) * inv_m
+        d = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d) * inv_m + eps)
+        weight, bias, proxy_mean, proxy_scale = _channel_params(
+            weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr, g * CPG + offs_c,
+            mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS, HAS_PROXY_WEIGHT, BLOCK_K,
+            ACC_DTYPE)
+        out = _apply(x, mean, rstd, weight, bias, proxy_mean, proxy_scale, slope, ACT, PROXY)
+        tl.store(y_base + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        count = tl.zeros([], ACC_DTYPE)
+        mean = tl.zeros([], ACC_DTYPE)
+        m2 = tl.zeros([], ACC_DTYPE)
+        for c0 in range(0, CPG, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            for s0 in range(0, S, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                mask = (offs_c < CPG)[:, None] & (offs_s < S)[None, :]
+                x = tl.load(x_base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
+                            mask=mask, other=0.0).to(ACC_DTYPE)
+                count, mean, m2 = _chan_merge(count, mean, m2, x, mask)
+        rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_m, 0.0) + eps)
+        for c0 in range(0, CPG, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < CPG
+            weight, bias, proxy_mean, proxy_scale = _channel_params(
+                weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr,
+                g * CPG + offs_c, mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS,
+                HAS_PROXY_WEIGHT, BLOCK_K, ACC_DTYPE)
+            for s0 in range(0, S, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+                x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+                out = _apply(x, mean, rstd, weight, bias, proxy_mean, proxy_scale, slope, ACT,
+                             PROXY)
+                tl.store(y_base + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(group_mean_ptr + ng, mean)
+    tl.store(group_rstd_ptr + ng, rstd)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,7 +445,6 @@ def _backward_partials_kernel(
     group_rstd_ptr,    # (N, G)
     weight_ptr,        # (C,) gamma
     bias_ptr,          # (C,) beta
-    proxy_mean_ptr,    # (C,) m_c (read only if PROXY)
     proxy_scale_ptr,   # (C,) s_c (read only if PROXY)
     partials_ptr,      # out (4, SPLIT, N, C): A, B, D, E = sum_s g_z, g_z*xhat, g, g*a
     N, C, S, G, CPG,   # batch, channels, spatial size, groups, channels per group
@@ -318,8 +470,8 @@ def _backward_partials_kernel(
     mask_c = offs_c < C
     group, mean, rstd, weight, bias = _load_norm_params(
         group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c, G, CPG, ACC_DTYPE)
+    proxy_scale = rstd
     if PROXY:
-        proxy_mean = tl.load(proxy_mean_ptr + offs_c, mask=mask_c, other=0.0)
         proxy_scale = tl.load(proxy_scale_ptr + offs_c, mask=mask_c, other=0.0)
     # Per-channel accumulators: each tile is reduced along S before it is added, so that the
     # loop carries 4 * BLOCK_C values, not four full tiles (registers; no spills).
@@ -338,14 +490,11 @@ def _backward_partials_kernel(
                     mask=mask, other=0.0).to(ACC_DTYPE)
         g = tl.load(grad_ptr + n * stride_gn + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
                     mask=mask, other=0.0).to(ACC_DTYPE)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        z = weight[:, None] * xhat + bias[:, None]
-        g_z = g * act_grad(z, ACT, slope)
+        xhat, g_z, z = _grad_tile(x, g, mean[:, None], rstd[:, None], weight, bias, proxy_scale,
+                                  mask, slope, ACT, PROXY)
         if PROXY:
-            g_z = g_z * proxy_scale[:, None]
             sum_g += tl.sum(g, axis=1)
             sum_g_a += tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1)
-        g_z = tl.where(mask, g_z, 0.0)
         sum_gz += tl.sum(g_z, axis=1)
         sum_gz_xhat += tl.sum(g_z * xhat, axis=1)
     out = partials_ptr + split * N * C + n * C + offs_c
@@ -391,13 +540,16 @@ def _backward_group_sums_kernel(
 
 @triton.jit(do_not_specialize=["C", "K", "ROWS"])
 def _backward_params_kernel(
-    partials_ptr,      # (4, SPLIT, N, C) from _backward_partials_kernel
+    partials_ptr,      # (4, ROWS, C): A, B, D, E per (split, n) row, from the partials kernel
     weight_ptr,        # (C,) gamma
     bias_ptr,          # (C,) beta
     proxy_bias_ptr,    # (C,) beta~ (read only if HAS_PROXY_BIAS)
     proxy_weight_ptr,  # (C,) gamma~ (read only if HAS_PROXY_WEIGHT)
     samples_ptr,       # (K,) proxy samples u_k
-    grad_params_ptr,   # out (4, C) ACC_DTYPE: dgamma, dbeta, dbeta~, dgamma~
+    grad_weight_ptr,        # out (C,) dgamma, in gamma's dtype
+    grad_bias_ptr,          # out (C,) dbeta, in beta's dtype
+    grad_proxy_bias_ptr,    # out (C,) dbeta~ (zeros without PN or beta~)
+    grad_proxy_weight_ptr,  # out (C,) dgamma~ (zeros without PN or gamma~)
     C,                 # channels
     K,                 # proxy samples
     ROWS,              # rows of each partials plane, SPLIT * N, reduced here
@@ -463,10 +615,14 @@ def _backward_params_kernel(
             grad_proxy_bias = weight * sum_h / K
         if HAS_PROXY_WEIGHT:
             grad_proxy_weight = weight * sum_h_u / K
-    tl.store(grad_params_ptr + offs_c, grad_weight, mask=mask_c)
-    tl.store(grad_params_ptr + C + offs_c, grad_bias, mask=mask_c)
-    tl.store(grad_params_ptr + 2 * C + offs_c, grad_proxy_bias, mask=mask_c)
-    tl.store(grad_params_ptr + 3 * C + offs_c, grad_proxy_weight, mask=mask_c)
+    # Each gradient straight into its parameter's dtype: no cast launches after this kernel.
+    tl.store(grad_weight_ptr + offs_c, grad_weight.to(grad_weight_ptr.dtype.element_ty),
+             mask=mask_c)
+    tl.store(grad_bias_ptr + offs_c, grad_bias.to(grad_bias_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(grad_proxy_bias_ptr + offs_c,
+             grad_proxy_bias.to(grad_proxy_bias_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(grad_proxy_weight_ptr + offs_c,
+             grad_proxy_weight.to(grad_proxy_weight_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit(do_not_specialize=["N", "C", "G", "CPG", "num_c_blocks", "num_s_blocks"])
@@ -506,14 +662,148 @@ def _backward_dx_kernel(
                 mask=mask, other=0.0).to(ACC_DTYPE)
     g = tl.load(grad_ptr + n * stride_gn + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
                 mask=mask, other=0.0).to(ACC_DTYPE)
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    g_z = g * act_grad(weight[:, None] * xhat + bias[:, None], ACT, slope)
+    proxy_scale = rstd
     if PROXY:
         proxy_scale = tl.load(proxy_scale_ptr + offs_c, mask=mask_c, other=0.0)
-        g_z = g_z * proxy_scale[:, None]
+    xhat, g_z, z = _grad_tile(x, g, mean[:, None], rstd[:, None], weight, bias, proxy_scale, mask,
+                              slope, ACT, PROXY)
     dx = rstd[:, None] * (weight[:, None] * g_z - sum_a[:, None] - xhat * sum_b[:, None])
     tl.store(dx_ptr + n * stride_n + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
              dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["N", "C", "G", "K"])
+def _backward_group_kernel(
+    grad_ptr,          # dL/dy, (N, C, S) through strides (stride_gn, stride_gc, stride_gs)
+    x_ptr,             # input, (N, C, S) through strides (stride_n, stride_c, stride_s)
+    dx_ptr,            # out dL/dx, same strides as x
+    group_mean_ptr,    # (N, G) ACC_DTYPE, from the forward
+    group_rstd_ptr,    # (N, G) ACC_DTYPE, from the forward
+    weight_ptr,        # (C,) gamma
+    bias_ptr,          # (C,) beta
+    proxy_bias_ptr,    # (C,) beta~ (read only if HAS_PROXY_BIAS)
+    proxy_weight_ptr,  # (C,) gamma~ (read only if HAS_PROXY_WEIGHT)
+    samples_ptr,       # (K,) proxy samples u_k, ACC_DTYPE (read only if PROXY)
+    partials_ptr,      # out (4, N, C) ACC_DTYPE: A, B, D, E = sum_s g_z, g_z*xhat, g, g*a
+    N, C, G, CPG, S,   # batch, channels, groups, channels per group, spatial size
+    stride_n, stride_c, stride_s,     # x's (and dx's) strides in elements, seen as (N, C, S)
+    stride_gn, stride_gc, stride_gs,  # grad's strides likewise
+    K,                 # proxy samples
+    slope: tl.float64,      # leaky_relu slope (read only if ACT is leaky_relu)
+    proxy_eps: tl.float64,  # added to the proxy variance
+    inv_m: tl.float64,      # 1 / (CPG * S), from the host
+    ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
+    PROXY: tl.constexpr,    # Proxy Normalization on: D and E too, g_z scaled by s_c
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    RESIDENT: tl.constexpr,  # the group is one [BLOCK_C, BLOCK_S] tile (else: loop over tiles)
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
+    BLOCK_K: tl.constexpr,  # proxy samples per step of the prologue
+    ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
+    INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
+):
+    """The backward of one (n, g) group in one program: the per-channel partials A, B, D, E, the
+    group sums SA = sum_c gamma_c A_c and SB likewise, then dx = rstd (gamma g_z - SA/M -
+    xhat SB/M). RESIDENT reads x and g once (3T with dx); otherwise a second walk over the group
+    re-reads them from L2 (3T from memory + 2T from L2), as in the forward."""
+    slope = tl.full([], slope, ACC_DTYPE)
+    proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)
+    inv_m = tl.full([], inv_m, ACC_DTYPE)
+    ng = tl.program_id(0)
+    n = ng // G
+    g_idx = ng % G
+    if INDEX_64:
+        n = n.to(tl.int64)
+        g_idx = g_idx.to(tl.int64)
+    mean = tl.load(group_mean_ptr + ng)
+    rstd = tl.load(group_rstd_ptr + ng)
+    c_first = g_idx * CPG
+    x_base = x_ptr + n * stride_n + c_first * stride_c
+    g_base = grad_ptr + n * stride_gn + c_first * stride_gc
+    dx_base = dx_ptr + n * stride_n + c_first * stride_c
+    partials = partials_ptr + n * C + c_first
+    plane = N * C
+    if RESIDENT:
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_s = tl.arange(0, BLOCK_S)
+        mask_c = offs_c < CPG
+        mask = mask_c[:, None] & (offs_s < S)[None, :]
+        offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+        x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+        g = tl.load(g_base + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
+                    mask=mask, other=0.0).to(ACC_DTYPE)
+        weight, bias, proxy_mean, proxy_scale = _channel_params(
+            weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr, c_first + offs_c,
+            mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS, HAS_PROXY_WEIGHT, BLOCK_K,
+            ACC_DTYPE)
+        xhat, g_z, z = _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope, ACT,
+                                  PROXY)
+        sum_gz = tl.sum(g_z, axis=1)
+        sum_gz_xhat = tl.sum(g_z * xhat, axis=1)
+        tl.store(partials + offs_c, sum_gz, mask=mask_c)
+        tl.store(partials + plane + offs_c, sum_gz_xhat, mask=mask_c)
+        if PROXY:
+            tl.store(partials + 2 * plane + offs_c, tl.sum(g, axis=1), mask=mask_c)
+            tl.store(partials + 3 * plane + offs_c,
+                     tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1), mask=mask_c)
+        group_a = tl.sum(weight * sum_gz) * inv_m
+        group_b = tl.sum(weight * sum_gz_xhat) * inv_m
+        dx = rstd * (weight[:, None] * g_z - group_a - xhat * group_b)
+        tl.store(dx_base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:
+        group_a = tl.zeros([], ACC_DTYPE)
+        group_b = tl.zeros([], ACC_DTYPE)
+        for c0 in range(0, CPG, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < CPG
+            weight, bias, proxy_mean, proxy_scale = _channel_params(
+                weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr,
+                c_first + offs_c, mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS,
+                HAS_PROXY_WEIGHT, BLOCK_K, ACC_DTYPE)
+            sum_gz = tl.zeros([BLOCK_C], ACC_DTYPE)
+            sum_gz_xhat = tl.zeros([BLOCK_C], ACC_DTYPE)
+            sum_g = tl.zeros([BLOCK_C], ACC_DTYPE)
+            sum_g_a = tl.zeros([BLOCK_C], ACC_DTYPE)
+            for s0 in range(0, S, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                x = tl.load(x_base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
+                            mask=mask, other=0.0).to(ACC_DTYPE)
+                g = tl.load(g_base + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
+                            mask=mask, other=0.0).to(ACC_DTYPE)
+                xhat, g_z, z = _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope,
+                                          ACT, PROXY)
+                sum_gz += tl.sum(g_z, axis=1)
+                sum_gz_xhat += tl.sum(g_z * xhat, axis=1)
+                if PROXY:
+                    sum_g += tl.sum(g, axis=1)
+                    sum_g_a += tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1)
+            tl.store(partials + offs_c, sum_gz, mask=mask_c)
+            tl.store(partials + plane + offs_c, sum_gz_xhat, mask=mask_c)
+            if PROXY:
+                tl.store(partials + 2 * plane + offs_c, sum_g, mask=mask_c)
+                tl.store(partials + 3 * plane + offs_c, sum_g_a, mask=mask_c)
+            group_a += tl.sum(weight * sum_gz)
+            group_b += tl.sum(weight * sum_gz_xhat)
+        group_a = group_a * inv_m
+        group_b = group_b * inv_m
+        for c0 in range(0, CPG, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < CPG
+            weight, bias, proxy_mean, proxy_scale = _channel_params(
+                weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr,
+                c_first + offs_c, mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS,
+                HAS_PROXY_WEIGHT, BLOCK_K, ACC_DTYPE)
+            for s0 in range(0, S, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
+                x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
+                g = tl.load(g_base + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
+                            mask=mask, other=0.0).to(ACC_DTYPE)
+                xhat, g_z, z = _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope,
+                                          ACT, PROXY)
+                dx = rstd * (weight[:, None] * g_z - group_a - xhat * group_b)
+                tl.store(dx_base + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -585,8 +875,8 @@ def _target_programs(traits: DeviceTraits) -> int:
 
 def _tile_shape(channels: int, spatial: int, channels_last: bool, traits: DeviceTraits):
     """(BLOCK_C, BLOCK_S) of a 2-D tile; the contiguous axis gets the larger share."""
-    # 1024 elements: 8 per thread of 4 warps. The backward holds x, g and several intermediates
-    # per element; 2048-element tiles spilled (ptxas kept 8-warp programs at 80 registers).
+    # 1024 elements: the backward holds x, g and several intermediates per element; 2048-element
+    # tiles spilled (ptxas kept 8-warp programs at 80 registers).
     tile = 1024 if traits.gpu else 16384  # the interpreter pays per program, not per lane
     if channels_last:
         block_c = min(triton.next_power_of_2(channels), 64)
@@ -598,7 +888,9 @@ def _tile_shape(channels: int, spatial: int, channels_last: bool, traits: Device
 
 
 def _num_warps(block_c: int, block_s: int) -> int:
-    return 8 if block_c * block_s >= 4096 else 4
+    # 4 elements per thread of a 1024-element tile: at 8 per thread ptxas held some fp16
+    # backward specializations to 80 registers and spilled.
+    return 8 if block_c * block_s >= 1024 else 4
 
 
 def _on_device(x_position: int):
@@ -616,8 +908,81 @@ def _on_device(x_position: int):
     return decorate
 
 
+PATHS = ("resident", "looped", "split")
+PATH_ENV = "FUSEDNORM_TRITON_PATH"
+
+
+def _group_tile(cpg: int, spatial: int, traits: DeviceTraits):
+    """(BLOCK_C, BLOCK_S, num_warps) of a tile holding a whole group, or None when the group is
+    larger than a program keeps in registers: 4096 elements on a GPU, at 8 per thread of up to
+    16 warps, the density at which the backward compiled without spills on sm_80/sm_90 (see
+    bench/results/triton-resources-sm90.md); 256 under the interpreter, so that small test shapes
+    reach the looped and split paths too."""
+    block_c, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(spatial)
+    limit = 4096 if traits.gpu else 256
+    if block_c * block_s > limit:
+        return None
+    return block_c, block_s, max(4, min(16, block_c * block_s // 256))
+
+
+def choose_path(N: int, G: int, CPG: int, S: int, traits: DeviceTraits) -> str:
+    """The one rule that picks a path, unless ``$FUSEDNORM_TRITON_PATH`` forces one:
+    - resident: the group fits one program's registers: x read once (fwd 2T, bwd 3T), 1 launch
+      forward, 2 backward;
+    - looped: one program per group walks it twice, the second walk from L2 (fwd 2T + T from L2,
+      bwd 3T + 2T from L2), same launches; taken when the N*G programs fill the SMs;
+    - split: few large groups (N*G below the SM count): the statistics and the partial sums are
+      split over many programs (fwd 3T in 3-4 launches, bwd 5T in 5)."""
+    forced = os.environ.get(PATH_ENV, "auto").strip().lower() or "auto"
+    if forced not in PATHS + ("auto",):
+        raise ValueError(f"${PATH_ENV}={forced!r}: expected one of {PATHS + ('auto',)}")
+    fits = _group_tile(CPG, S, traits) is not None
+    if forced == "resident" and not fits:
+        raise ValueError(f"${PATH_ENV}=resident: a group of {CPG}x{S} elements does not fit one "
+                         f"program (limit {'4096' if traits.gpu else '256'} after rounding up to "
+                         f"powers of two)")
+    if forced != "auto":
+        return forced
+    if fits:
+        return "resident"
+    return "looped" if N * G >= traits.sm_count else "split"
+
+
+@dataclass
+class Step:
+    """One kernel launch of a plan and what it moves: ``x_passes`` x-sized tensors read or written
+    in memory (x, y, grad, dx: T bytes each), ``l2_passes`` x-sized tensors read a second time by
+    the same program shortly after (expected from L2), and ``small_bytes`` of the (N, G), (N, C)
+    and (C,) statistics, partial sums and parameters."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    x_passes: int
+    small_bytes: int
+    l2_passes: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__.lstrip("_")
+
+
+@dataclass
+class Plan:
+    """What one call launches, in order, and the tensors it returns. ``run`` launches; the
+    byte and launch tables (tools/launch_table.py) read ``steps`` without launching."""
+    path: str
+    steps: list
+    outputs: tuple
+
+    def run(self):
+        for step in self.steps:
+            step.kernel[step.grid](*step.args, **step.kwargs)
+        return self.outputs
+
+
 class _Launch:
-    """Shapes, strides and compile-time flags shared by the forward and backward launchers."""
+    """Shapes, strides and compile-time flags shared by the forward and backward plans."""
 
     def __init__(self, x, num_groups, activation, proxy_bias, proxy_weight):
         self.N, self.C = x.shape[:2]
@@ -627,34 +992,61 @@ class _Launch:
         self.strides = _strides_ncs(x)
         self.channels_last = x.dim() > 2 and not x.is_contiguous()
         self.acc_tl, self.acc_torch = _acc_dtype(x)
+        self.acc_size = 8 if x.dtype == torch.float64 else 4
         self.index_64 = x.numel() >= 2**31 - 1
         self.flags = dict(ACT=activation, ACC_DTYPE=self.acc_tl)
         self.has_proxy_bias = proxy_bias is not None
         self.has_proxy_weight = proxy_weight is not None
+        self.proxy_flags = dict(HAS_PROXY_BIAS=self.has_proxy_bias,
+                                HAS_PROXY_WEIGHT=self.has_proxy_weight)
         self.device = x.device
         self.traits = device_traits(x.device)
+        self.path = choose_path(self.N, self.G, self.CPG, self.S, self.traits)
+        self.inv_m = 1.0 / (self.CPG * self.S)
+        self.param_bytes = 4 * self.C * self.acc_size  # gamma, beta, beta~, gamma~ at most
 
-    def proxy_stats(self, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples):
+    def group_step(self, kernel, args, small_bytes, num_tensors):
+        """The per-group kernel (resident or looped) over num_tensors x-sized tensors."""
+        group_tile = _group_tile(self.CPG, self.S, self.traits)
+        resident = self.path == "resident"
+        if resident:
+            block_c, block_s, warps = group_tile
+        else:
+            block_c, block_s = _tile_shape(self.CPG, self.S, self.channels_last, self.traits)
+            warps = _num_warps(block_c, block_s)
+        # Each program walks a looped group twice: every x-sized input is read a second time.
+        return Step(kernel, (self.N * self.G,), args,
+                    dict(RESIDENT=resident, BLOCK_C=block_c, BLOCK_S=block_s,
+                         BLOCK_K=_proxy_block_k(block_c), INDEX_64=self.index_64,
+                         num_warps=warps, **self.proxy_flags, **self.flags),
+                    num_tensors, small_bytes + self.param_bytes,
+                    0 if resident else num_tensors - 1)
+
+    def proxy_stats_step(self, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples):
         num_samples = samples.numel()
         proxy_mean = torch.empty(self.C, dtype=self.acc_torch, device=self.device)
         proxy_scale = torch.empty_like(proxy_mean)
         block_c = min(triton.next_power_of_2(self.C), 16)
-        # [16, 64] tiles: 8 samples per thread (256 wide took up to 240 registers)
-        block_k = min(triton.next_power_of_2(num_samples), 64)
-        _proxy_stats_kernel[(triton.cdiv(self.C, block_c),)](
-            weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight), samples,
-            proxy_mean, proxy_scale, self.C, num_samples, slope, proxy_eps,
-            HAS_PROXY_BIAS=self.has_proxy_bias, HAS_PROXY_WEIGHT=self.has_proxy_weight,
-            BLOCK_C=block_c, BLOCK_K=block_k, **self.flags)
-        return proxy_mean, proxy_scale
+        step = Step(_proxy_stats_kernel, (triton.cdiv(self.C, block_c),),
+                    (weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight), samples,
+                     proxy_mean, proxy_scale, self.C, num_samples, slope, proxy_eps),
+                    dict(BLOCK_C=block_c, BLOCK_K=_proxy_block_k(block_c), **self.proxy_flags,
+                         **self.flags), 0, 2 * self.C * self.acc_size + self.param_bytes)
+        return step, proxy_mean, proxy_scale
 
-    def elementwise_grid(self):
+    def elementwise_meta(self):
         block_c, block_s = _tile_shape(self.C, self.S, self.channels_last, self.traits)
         num_c_blocks, num_s_blocks = triton.cdiv(self.C, block_c), triton.cdiv(self.S, block_s)
         grid = (self.N * num_c_blocks * num_s_blocks,)
         meta = dict(num_c_blocks=num_c_blocks, num_s_blocks=num_s_blocks, BLOCK_C=block_c,
                     BLOCK_S=block_s, INDEX_64=self.index_64, num_warps=_num_warps(block_c, block_s))
         return grid, meta
+
+
+def _proxy_block_k(block_c: int) -> int:
+    """Samples per step of a [block_c, BLOCK_K] proxy tile: about 1024 elements, 8 per thread
+    (256-wide tiles took up to 240 registers)."""
+    return max(1, min(64, 1024 // block_c))
 
 
 def _or(tensor, fallback):
@@ -667,11 +1059,9 @@ def _dense_params(*params):
     return tuple(None if p is None else p.contiguous() for p in params)
 
 
-@_on_device(x_position=0)
-def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, activation, slope,
-            eps, proxy_eps, proxy):
-    """Returns (y, mean, rstd); y has x's dtype and layout, mean/rstd are (N, G) in fp32
-    (fp64 for fp64 input). ``samples`` are the K proxy samples u_k in the accumulation dtype."""
+def forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, activation,
+                 slope, eps, proxy_eps, proxy) -> Plan:
+    """The launches of one forward; ``plan.run()`` returns (y, mean, rstd)."""
     x = dense_layout(x)
     weight, bias, proxy_bias, proxy_weight = _dense_params(weight, bias, proxy_bias, proxy_weight)
     launch = _Launch(x, num_groups, activation, proxy_bias, proxy_weight)
@@ -679,18 +1069,30 @@ def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, acti
     y = torch.empty_like(x)
     mean = torch.empty((N, G), dtype=launch.acc_torch, device=x.device)
     rstd = torch.empty_like(mean)
-    if proxy:
-        proxy_mean, proxy_scale = launch.proxy_stats(weight, bias, proxy_bias, proxy_weight,
-                                                     slope, proxy_eps, samples)
-    else:
-        proxy_mean = proxy_scale = mean
+    stats_bytes = 2 * N * G * launch.acc_size
+    if launch.path != "split":
+        step = launch.group_step(
+            _forward_group_kernel,
+            (x, y, mean, rstd, weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight),
+             samples, C, G, CPG, S, *launch.strides, samples.numel(), slope, eps, proxy_eps,
+             launch.inv_m),
+            stats_bytes, num_tensors=2)
+        step.kwargs["PROXY"] = proxy
+        return Plan(launch.path, [step], (y, mean, rstd))
 
-    # Group statistics, split over programs when N*G alone would not fill the device.
+    steps = []
+    proxy_mean = proxy_scale = mean
+    if proxy:
+        step, proxy_mean, proxy_scale = launch.proxy_stats_step(
+            weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
+        steps.append(step)
+    # Group statistics split over programs (N*G alone would not fill the device), merged in a
+    # fixed order by a second small kernel.
     block_c, block_s = _tile_shape(CPG, S, launch.channels_last, launch.traits)
     num_s_blocks = triton.cdiv(S, block_s)
     num_tiles = triton.cdiv(CPG, block_c) * num_s_blocks
     target = _target_programs(launch.traits)
-    splits = 1 if N * G >= target else min(num_tiles, triton.cdiv(target, N * G))
+    splits = min(num_tiles, triton.cdiv(target, N * G))
     tiles_per_split = triton.cdiv(num_tiles, splits)
     splits = triton.cdiv(num_tiles, tiles_per_split)
     stats_meta = dict(G=G, CPG=CPG, S=S, stride_n=launch.strides[0], stride_c=launch.strides[1],
@@ -699,29 +1101,32 @@ def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, acti
                       BLOCK_S=block_s, ACC_DTYPE=launch.acc_tl, INDEX_64=launch.index_64,
                       num_warps=_num_warps(block_c, block_s))
     if splits == 1:
-        _group_stats_kernel[(N * G, 1)](x, mean, mean, rstd, FINALIZE=True, **stats_meta)
+        steps.append(Step(_group_stats_kernel, (N * G, 1), (x, mean, mean, rstd),
+                          dict(FINALIZE=True, **stats_meta), 1, stats_bytes))
     else:
         partial = torch.empty((3, N * G, splits), dtype=launch.acc_torch, device=x.device)
-        _group_stats_kernel[(N * G, splits)](x, partial[0], partial[1], partial[2],
-                                             FINALIZE=False, **stats_meta)
+        partial_bytes = partial.numel() * launch.acc_size
+        steps.append(Step(_group_stats_kernel, (N * G, splits),
+                          (x, partial[0], partial[1], partial[2]),
+                          dict(FINALIZE=False, **stats_meta), 1, partial_bytes))
         block = min(triton.next_power_of_2(N * G), 1024)
-        _group_stats_combine_kernel[(triton.cdiv(N * G, block),)](
-            partial[0], partial[1], partial[2], mean, rstd, N * G, splits, eps,
-            BLOCK=block, ACC_DTYPE=launch.acc_tl)
+        steps.append(Step(_group_stats_combine_kernel, (triton.cdiv(N * G, block),),
+                          (partial[0], partial[1], partial[2], mean, rstd, N * G, splits, eps),
+                          dict(BLOCK=block, ACC_DTYPE=launch.acc_tl), 0,
+                          partial_bytes + stats_bytes))
+    grid, meta = launch.elementwise_meta()
+    steps.append(Step(_forward_apply_kernel, grid,
+                      (x, y, mean, rstd, weight, bias, proxy_mean, proxy_scale, C, S, G, CPG,
+                       *launch.strides, slope),
+                      dict(PROXY=proxy, **launch.flags, **meta), 2,
+                      stats_bytes + launch.param_bytes))
+    return Plan("split", steps, (y, mean, rstd))
 
-    grid, meta = launch.elementwise_grid()
-    _forward_apply_kernel[grid](
-        x, y, mean, rstd, weight, bias, proxy_mean, proxy_scale, C, S, G, CPG, *launch.strides,
-        slope, PROXY=proxy, **launch.flags, **meta)
-    return y, mean, rstd
 
-
-@_on_device(x_position=1)
-def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean, rstd,
-             num_groups, activation, slope, proxy_eps, proxy):
-    """Returns (dx, dweight, dbias, dproxy_bias, dproxy_weight). dx has x's dtype and layout;
-    parameter gradients have their parameter's dtype (dproxy_* in weight's dtype, zeros when
-    PN is off or the proxy parameter is absent)."""
+def backward_plan(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean, rstd,
+                  num_groups, activation, slope, proxy_eps, proxy) -> Plan:
+    """The launches of one backward; ``plan.run()`` returns (dx, dweight, dbias, dproxy_bias,
+    dproxy_weight)."""
     x = dense_layout(x)
     grad_out = dense_layout(grad_out)
     param_dtypes = (weight.dtype, bias.dtype, _or(proxy_bias, weight).dtype,
@@ -730,48 +1135,89 @@ def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean,
     launch = _Launch(x, num_groups, activation, proxy_bias, proxy_weight)
     N, C, S, G, CPG = launch.N, launch.C, launch.S, launch.G, launch.CPG
     grad_strides = _strides_ncs(grad_out)
-    if proxy:
-        proxy_mean, proxy_scale = launch.proxy_stats(
-            weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
+    dx = torch.empty_like(x)
+    # Separate tensors (the ops' outputs may not alias one another), each in its parameter's
+    # dtype, written by the parameter kernel.
+    grads = [torch.empty(C, dtype=dtype, device=x.device) for dtype in param_dtypes]
+    stats_bytes = 2 * N * G * launch.acc_size
+    steps = []
+    if launch.path != "split":
+        partials = torch.empty((4, 1, N, C), dtype=launch.acc_torch, device=x.device)
+        partial_bytes = partials.numel() * launch.acc_size
+        step = launch.group_step(
+            _backward_group_kernel,
+            (grad_out, x, dx, mean, rstd, weight, bias, _or(proxy_bias, weight),
+             _or(proxy_weight, weight), samples, partials, N, C, G, CPG, S, *launch.strides,
+             *grad_strides, samples.numel(), slope, proxy_eps, launch.inv_m),
+            stats_bytes + partial_bytes, num_tensors=3)
+        step.kwargs["PROXY"] = proxy
+        steps.append(step)
+        rows = N
     else:
-        proxy_mean = proxy_scale = mean
+        proxy_scale = mean
+        if proxy:
+            step, proxy_mean, proxy_scale = launch.proxy_stats_step(
+                weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
+            steps.append(step)
+        # Per-(n, c) partial sums, split over S so that N * C-blocks programs fill the device.
+        block_c, block_s = _tile_shape(C, S, launch.channels_last, launch.traits)
+        num_c_blocks = triton.cdiv(C, block_c)
+        num_s_blocks = triton.cdiv(S, block_s)
+        target = _target_programs(launch.traits)
+        row_blocks = N * num_c_blocks
+        splits = 1 if row_blocks >= target else min(num_s_blocks, triton.cdiv(target, row_blocks))
+        s_per_split = triton.cdiv(num_s_blocks, splits) * block_s
+        splits = triton.cdiv(S, s_per_split)
+        partials = torch.empty((4, splits, N, C), dtype=launch.acc_torch, device=x.device)
+        partial_bytes = partials.numel() * launch.acc_size
+        steps.append(Step(
+            _backward_partials_kernel, (row_blocks, splits),
+            (grad_out, x, mean, rstd, weight, bias, proxy_scale, partials, N, C, S, G, CPG,
+             *launch.strides, *grad_strides, slope, num_c_blocks, s_per_split),
+            dict(PROXY=proxy, BLOCK_C=block_c, BLOCK_S=block_s, INDEX_64=launch.index_64,
+                 num_warps=_num_warps(block_c, block_s), **launch.flags),
+            2, stats_bytes + partial_bytes + launch.param_bytes))
+        group_sums = torch.empty((2, N, G), dtype=launch.acc_torch, device=x.device)
+        steps.append(Step(
+            _backward_group_sums_kernel, (N * G,), (partials, weight, group_sums, N, C, G, CPG,
+                                                    splits),
+            dict(BLOCK_C=min(triton.next_power_of_2(CPG), 1024), ACC_DTYPE=launch.acc_tl),
+            0, partial_bytes // 2 + stats_bytes))
+        grid, meta = launch.elementwise_meta()
+        steps.append(Step(
+            _backward_dx_kernel, grid,
+            (grad_out, x, dx, mean, rstd, group_sums, weight, bias, proxy_scale, N, C, S, G, CPG,
+             *launch.strides, *grad_strides, slope, launch.inv_m),
+            dict(PROXY=proxy, **launch.flags, **meta), 3,
+            2 * stats_bytes + launch.param_bytes))
+        rows = splits * N
 
-    # Per-(n, c) partial sums, split over S when N * C-blocks alone would not fill the device.
-    block_c, block_s = _tile_shape(C, S, launch.channels_last, launch.traits)
-    num_c_blocks = triton.cdiv(C, block_c)
-    num_s_blocks = triton.cdiv(S, block_s)
-    target = _target_programs(launch.traits)
-    rows = N * num_c_blocks
-    splits = 1 if rows >= target else min(num_s_blocks, triton.cdiv(target, rows))
-    s_per_split = triton.cdiv(num_s_blocks, splits) * block_s
-    splits = triton.cdiv(S, s_per_split)
-    partials = torch.empty((4, splits, N, C), dtype=launch.acc_torch, device=x.device)
-    _backward_partials_kernel[(rows, splits)](
-        grad_out, x, mean, rstd, weight, bias, proxy_mean, proxy_scale, partials,
-        N, C, S, G, CPG, *launch.strides, *grad_strides, slope, num_c_blocks, s_per_split,
-        PROXY=proxy, BLOCK_C=block_c, BLOCK_S=block_s, INDEX_64=launch.index_64,
-        num_warps=_num_warps(block_c, block_s), **launch.flags)
-
-    group_sums = torch.empty((2, N, G), dtype=launch.acc_torch, device=x.device)
-    _backward_group_sums_kernel[(N * G,)](
-        partials, weight, group_sums, N, C, G, CPG, splits,
-        BLOCK_C=min(triton.next_power_of_2(CPG), 1024), ACC_DTYPE=launch.acc_tl)
-
-    grad_params = torch.empty((4, C), dtype=launch.acc_torch, device=x.device)
     # Few channels per program with PN (each evaluates K proxy samples per channel), many without.
     block_c_params = min(triton.next_power_of_2(C), 16 if proxy else 64)
-    _backward_params_kernel[(triton.cdiv(C, block_c_params),)](
-        partials, weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight), samples,
-        grad_params, C, samples.numel(), splits * N, slope, proxy_eps,
-        PROXY=proxy, HAS_PROXY_BIAS=launch.has_proxy_bias, HAS_PROXY_WEIGHT=launch.has_proxy_weight,
-        BLOCK_R=min(triton.next_power_of_2(splits * N), 32), BLOCK_C=block_c_params,
-        BLOCK_K=min(triton.next_power_of_2(samples.numel()), 64), **launch.flags)
+    steps.append(Step(
+        _backward_params_kernel, (triton.cdiv(C, block_c_params),),
+        (partials, weight, bias, _or(proxy_bias, weight), _or(proxy_weight, weight), samples,
+         *grads, C, samples.numel(), rows, slope, proxy_eps),
+        dict(PROXY=proxy, BLOCK_R=min(triton.next_power_of_2(rows), 32), BLOCK_C=block_c_params,
+             BLOCK_K=_proxy_block_k(block_c_params), **launch.proxy_flags, **launch.flags),
+        0, partial_bytes + 2 * launch.param_bytes))
+    return Plan(launch.path, steps, (dx, *grads))
 
-    dx = torch.empty_like(x)
-    grid, meta = launch.elementwise_grid()
-    _backward_dx_kernel[grid](
-        grad_out, x, dx, mean, rstd, group_sums, weight, bias, proxy_scale,
-        N, C, S, G, CPG, *launch.strides, *grad_strides, slope, 1.0 / (CPG * S), PROXY=proxy,
-        **launch.flags, **meta)
-    # Separate tensors (the ops' outputs may not alias one another), each in its parameter's dtype.
-    return (dx, *(grad.to(dtype, copy=True) for grad, dtype in zip(grad_params, param_dtypes)))
+
+@_on_device(x_position=0)
+def forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups, activation, slope,
+            eps, proxy_eps, proxy):
+    """Returns (y, mean, rstd); y has x's dtype and layout, mean/rstd are (N, G) in fp32
+    (fp64 for fp64 input). ``samples`` are the K proxy samples u_k in the accumulation dtype."""
+    return forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
+                        activation, slope, eps, proxy_eps, proxy).run()
+
+
+@_on_device(x_position=1)
+def backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean, rstd,
+             num_groups, activation, slope, proxy_eps, proxy):
+    """Returns (dx, dweight, dbias, dproxy_bias, dproxy_weight). dx has x's dtype and layout;
+    parameter gradients have their parameter's dtype (dproxy_* in weight's dtype, zeros when
+    PN is off or the proxy parameter is absent)."""
+    return backward_plan(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, mean, rstd,
+                         num_groups, activation, slope, proxy_eps, proxy).run()

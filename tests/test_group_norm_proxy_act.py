@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import fusednorm
+from fusednorm.kernels import group_norm_proxy_act as kernels
 from conftest import ACTIVATIONS, ODD_SHAPES, check_against_reference, make_inputs, triton_device
 
 PROXY_MODES = {"pn+proxy_params": (True, True), "pn": (True, False), "no_pn": (False, False)}
@@ -149,3 +150,49 @@ def test_tensor_on_a_device_that_is_not_current():
                                                    **{k: v.detach().cpu() for k, v in params.items()})
     torch.testing.assert_close(y.cpu(), ref.float(), rtol=1e-4, atol=1e-4)
     assert x.grad.device == x.device and torch.isfinite(x.grad).all()
+
+
+PATH_SHAPES = {
+    **ODD_SHAPES,
+    "large_groups": ((3, 16, 9, 10), 2),  # over the interpreter's resident limit
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
+@pytest.mark.parametrize("case", PATH_SHAPES)
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_every_path(path, case, proxy, channels_last, monkeypatch):
+    """Each path of the launch rule forced through $FUSEDNORM_TRITON_PATH (the knob the
+    benchmark uses), on every odd shape; resident refuses a group it cannot hold, saying so."""
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    shape, groups = PATH_SHAPES[case]
+    device = triton_device()
+    traits = kernels.device_traits(torch.device(device))
+    spatial = torch.Size(shape[2:]).numel()
+    if path == "resident" and kernels._group_tile(shape[1] // groups, spatial, traits) is None:
+        x = torch.randn(shape, device=device)
+        with pytest.raises(ValueError, match="does not fit one program"):
+            fusednorm.group_norm_proxy_act(x, groups, backend="triton")
+        return
+    check_against_reference("triton", shape, groups, activation="gelu", proxy=proxy,
+                            channels_last=channels_last, device=device)
+
+
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_backward_is_bitwise_deterministic(path, monkeypatch):
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    shape = (2, 8, 6, 5) if path == "resident" else (3, 16, 9, 10)
+    x, params = make_inputs(shape, dtype=torch.float32, device=triton_device())
+    grad_out = torch.randn_like(x)
+    runs = [torch.autograd.grad(fusednorm.group_norm_proxy_act(x, 2, **params, backend="triton"),
+                                [x, *params.values()], grad_out) for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_unknown_path_is_an_error(monkeypatch):
+    monkeypatch.setenv(kernels.PATH_ENV, "fastest")
+    x = torch.randn(2, 4, 3, device=triton_device())
+    with pytest.raises(ValueError, match="FUSEDNORM_TRITON_PATH"):
+        fusednorm.group_norm_proxy_act(x, 2, backend="triton")

@@ -67,6 +67,7 @@ SHAPES = [
     ("N=1", (1, 40, 7, 7), 5),
     ("S=49,odd", (3, 15, 7, 7), 5),
     ("split", (1, 64, 96, 96), 1),         # N*G=1: statistics and partials split over programs
+    ("looped", (16, 128, 32, 32), 16),     # groups too large for one program, N*G fills the SMs
     ("wide", (32, 2048, 7, 7), 32),
 ]
 INDEX_64_SHAPE = ("index_64", (1, 2 ** 15 + 16, 2 ** 8, 2 ** 8), 8)  # > 2**31 elements
@@ -80,11 +81,12 @@ class Case:
     activation: object
     mode: str
     channels_last: bool
+    path: str = "auto"  # $FUSEDNORM_TRITON_PATH: the launch rule's choice, or a forced path
 
     def describe(self):
         layout = "channels_last" if self.channels_last else "nchw"
         return (f"{self.shape_name} {self.shape} G={self.groups} {self.dtype}/{self.param_dtype} "
-                f"{self.activation} {self.mode} {layout}")
+                f"{self.activation} {self.mode} {layout} path={self.path}")
 
 
 def cases(full: bool = False):
@@ -96,6 +98,7 @@ def cases(full: bool = False):
     - every shape (edge shapes, 0-3 spatial dims, split and non-split paths) x both layouts x
       fp32/bf16, GELU, PN on (the indexing and tiling paths);
     - fp32 parameters with fp16/bf16 input, both layouts, PN on/off;
+    - the looped and split paths forced on the base shape (the rule picks resident there);
     - 64-bit indexing for each dtype, both layouts.
     ``full``: the cross product of activations x modes x dtypes (mixed too) on the base shape, and
     of shapes x dtypes x layouts x {ReLU, GELU} x PN on/off (about 1800 per architecture)."""
@@ -104,11 +107,11 @@ def cases(full: bool = False):
     both_layouts = (False, True)
     out = []
 
-    def add(shapes, dtypes, activations, modes, layouts):
-        for (name, shape, groups), (dtype, param_dtype), act, mode, cl in itertools.product(
-                shapes, dtypes, activations, modes, layouts):
+    def add(shapes, dtypes, activations, modes, layouts, paths=("auto",)):
+        for (name, shape, groups), (dtype, param_dtype), act, mode, cl, path in itertools.product(
+                shapes, dtypes, activations, modes, layouts, paths):
             if not (cl and len(shape) == 2):  # no spatial dims: one layout
-                out.append(Case(name, shape, groups, dtype, param_dtype, act, mode, cl))
+                out.append(Case(name, shape, groups, dtype, param_dtype, act, mode, cl, path))
 
     if full:
         add(SHAPES[:1], DTYPES, ACTIVATIONS, MODES, (False,))
@@ -118,6 +121,9 @@ def cases(full: bool = False):
         add(SHAPES[:1], same, ["relu"], MODES, (False,))
         add(SHAPES, [DTYPES[0], DTYPES[2]], ["gelu"], ("pn+proxy_params",), both_layouts)
         add(SHAPES[:1], mixed, ["silu"], ("pn+proxy_params", "no_pn"), both_layouts)
+    # The paths $FUSEDNORM_TRITON_PATH can force where the rule would choose another.
+    add(SHAPES[:1], same, ["relu", "gelu"], ("pn+proxy_params", "no_pn"), both_layouts,
+        ("looped", "split"))
     add([INDEX_64_SHAPE], same, ["relu"], ("pn+proxy_params",), both_layouts)
     return list(dict.fromkeys(out))
 
@@ -225,6 +231,7 @@ def run_case(case: Case):
 
     act, slope = parse_activation(case.activation)
     x, weight, bias, proxy_bias, proxy_weight, samples, pn = _inputs(case, torch)
+    os.environ[kernels.PATH_ENV] = case.path
     y, mean, rstd = kernels.forward(x, weight, bias, proxy_bias, proxy_weight, samples,
                                     case.groups, act.id, slope, 1e-5, 0.03, pn)
     kernels.backward(y, x, weight, bias, proxy_bias, proxy_weight, samples, mean, rstd,
