@@ -437,7 +437,7 @@ def _forward_group_kernel(
 # ----------------------------------------------------------------------------------------------
 # Backward kernels
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["N", "C", "G", "CPG", "num_c_blocks", "s_per_split"])
+@triton.jit(do_not_specialize=["N", "C", "G", "CPG", "num_c_blocks", "s_per_split", "plane"])
 def _backward_partials_kernel(
     grad_ptr,          # dL/dy, (N, C, S) through strides (stride_gn, stride_gc, stride_gs)
     x_ptr,             # input, (N, C, S) through strides (stride_n, stride_c, stride_s)
@@ -446,7 +446,9 @@ def _backward_partials_kernel(
     weight_ptr,        # (C,) gamma
     bias_ptr,          # (C,) beta
     proxy_scale_ptr,   # (C,) s_c (read only if PROXY)
-    partials_ptr,      # out (4, SPLIT, N, C): A, B, D, E = sum_s g_z, g_z*xhat, g, g*a
+    partials_ptr,      # out (SPLIT, N, C) in each of 4 planes: A, B, D, E = sum_s g_z,
+                       # g_z*xhat, g, g*a
+    plane,             # elements from one plane to the next (a chunk writes part of each)
     N, C, S, G, CPG,   # batch, channels, spatial size, groups, channels per group
     stride_n, stride_c, stride_s,     # x's strides in elements, seen as (N, C, S)
     stride_gn, stride_gc, stride_gs,  # grad's strides likewise
@@ -498,7 +500,6 @@ def _backward_partials_kernel(
         sum_gz += tl.sum(g_z, axis=1)
         sum_gz_xhat += tl.sum(g_z * xhat, axis=1)
     out = partials_ptr + split * N * C + n * C + offs_c
-    plane = tl.num_programs(1) * N * C
     tl.store(out, sum_gz, mask=mask_c)
     tl.store(out + plane, sum_gz_xhat, mask=mask_c)
     if PROXY:
@@ -506,9 +507,10 @@ def _backward_partials_kernel(
         tl.store(out + 3 * plane, sum_g_a, mask=mask_c)
 
 
-@triton.jit(do_not_specialize=["N", "C", "G", "SPLIT"])
+@triton.jit(do_not_specialize=["N", "C", "G", "SPLIT", "plane"])
 def _backward_group_sums_kernel(
-    partials_ptr,      # (4, SPLIT, N, C) from _backward_partials_kernel
+    partials_ptr,      # (SPLIT, N, C) in each plane, from _backward_partials_kernel
+    plane,             # elements from one plane to the next
     weight_ptr,        # (C,) gamma
     group_sums_ptr,    # out (2, N, G): SA = sum_{c in g} gamma_c A_nc, SB likewise with B_nc
     N, C, G, CPG,      # batch, channels, groups, channels per group
@@ -519,7 +521,6 @@ def _backward_group_sums_kernel(
     ng = tl.program_id(0)
     n = ng // G
     g = ng % G
-    plane = SPLIT * N * C
     sum_a = tl.zeros([BLOCK_C], ACC_DTYPE)
     sum_b = tl.zeros([BLOCK_C], ACC_DTYPE)
     for c0 in range(0, CPG, BLOCK_C):
@@ -832,20 +833,22 @@ def _acc_dtype(x: torch.Tensor):
 
 @dataclass(frozen=True)
 class DeviceTraits:
-    """What the launch plan depends on: GPU tiles or the interpreter's, and the SM count."""
+    """What the launch plan depends on: GPU tiles or the interpreter's, the SM count, and the L2
+    size (the split path walks the batch in chunks that stay in L2 between two kernels)."""
     gpu: bool
     sm_count: int
+    l2_bytes: int
 
 
 _TRAITS_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("fusednorm_traits", default=None)
 
 
 @contextlib.contextmanager
-def plan_as_gpu(sm_count: int):
-    """Launch plans (tiles, splits, warps) as for a GPU with ``sm_count`` SMs, whatever device the
-    tensors are on: lets ``tools/gpu_compile.py`` compile, on a machine without a GPU, exactly the
-    specializations a GPU run would launch."""
-    token = _TRAITS_OVERRIDE.set(DeviceTraits(gpu=True, sm_count=sm_count))
+def plan_as_gpu(sm_count: int, l2_bytes: int = 50 * 2**20):
+    """Launch plans (tiles, splits, warps) as for a GPU with ``sm_count`` SMs and ``l2_bytes`` of
+    L2 (default: an H100's), whatever device the tensors are on: lets ``tools/gpu_compile.py``
+    compile, on a machine without a GPU, exactly the specializations a GPU run would launch."""
+    token = _TRAITS_OVERRIDE.set(DeviceTraits(gpu=True, sm_count=sm_count, l2_bytes=l2_bytes))
     try:
         yield
     finally:
@@ -853,8 +856,10 @@ def plan_as_gpu(sm_count: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _gpu_traits(device_index: int) -> DeviceTraits:
+    props = torch.cuda.get_device_properties(device_index)
+    l2_bytes = getattr(props, "L2_cache_size", 0) or 40 * 2**20
+    return DeviceTraits(gpu=True, sm_count=props.multi_processor_count, l2_bytes=l2_bytes)
 
 
 def device_traits(device: torch.device) -> DeviceTraits:
@@ -862,9 +867,10 @@ def device_traits(device: torch.device) -> DeviceTraits:
     if override is not None:
         return override
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return DeviceTraits(gpu=True, sm_count=_sm_count(index))
-    return DeviceTraits(gpu=False, sm_count=2)
+        return _gpu_traits(device.index if device.index is not None else torch.cuda.current_device())
+    # The interpreter: 2 "SMs" and an 8 KB "L2", so that small test shapes reach the split path
+    # and its chunking.
+    return DeviceTraits(gpu=False, sm_count=2, l2_bytes=8 * 2**10)
 
 
 def _target_programs(traits: DeviceTraits) -> int:
@@ -958,9 +964,9 @@ class Step:
     grid: tuple
     args: tuple
     kwargs: dict
-    x_passes: int
+    x_passes: float  # a kernel over a chunk of the batch moves that share of each tensor
     small_bytes: int
-    l2_passes: int = 0
+    l2_passes: float = 0
 
     @property
     def name(self) -> str:
@@ -1003,6 +1009,7 @@ class _Launch:
         self.traits = device_traits(x.device)
         self.path = choose_path(self.N, self.G, self.CPG, self.S, self.traits)
         self.inv_m = 1.0 / (self.CPG * self.S)
+        self.elem_size = x.element_size()
         self.param_bytes = 4 * self.C * self.acc_size  # gamma, beta, beta~, gamma~ at most
 
     def group_step(self, kernel, args, small_bytes, num_tensors):
@@ -1034,13 +1041,25 @@ class _Launch:
                          **self.flags), 0, 2 * self.C * self.acc_size + self.param_bytes)
         return step, proxy_mean, proxy_scale
 
-    def elementwise_meta(self):
+    def elementwise_meta(self, batch: int):
+        """Grid and meta-parameters of an elementwise kernel over ``batch`` samples."""
         block_c, block_s = _tile_shape(self.C, self.S, self.channels_last, self.traits)
         num_c_blocks, num_s_blocks = triton.cdiv(self.C, block_c), triton.cdiv(self.S, block_s)
-        grid = (self.N * num_c_blocks * num_s_blocks,)
+        grid = (batch * num_c_blocks * num_s_blocks,)
         meta = dict(num_c_blocks=num_c_blocks, num_s_blocks=num_s_blocks, BLOCK_C=block_c,
                     BLOCK_S=block_s, INDEX_64=self.index_64, num_warps=_num_warps(block_c, block_s))
         return grid, meta
+
+
+    def l2_chunks(self, num_tensors: int):
+        """(n0, n1, fits) for chunks of the batch whose ``num_tensors`` x-sized tensors take at
+        most half the L2 (the other half for everything else), so that a second kernel over the
+        chunk reads them from L2; ``fits`` is False for a chunk of one sample that is larger."""
+        per_sample = num_tensors * self.C * self.S * self.elem_size
+        chunk = max(1, (self.traits.l2_bytes // 2) // max(per_sample, 1))
+        for n0 in range(0, self.N, chunk):
+            n1 = min(self.N, n0 + chunk)
+            yield n0, n1, (n1 - n0) * per_sample <= self.traits.l2_bytes // 2
 
 
 def _proxy_block_k(block_c: int) -> int:
@@ -1087,39 +1106,46 @@ def forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
             weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
         steps.append(step)
     # Group statistics split over programs (N*G alone would not fill the device), merged in a
-    # fixed order by a second small kernel.
+    # fixed order by a second small kernel, then y. Batch chunks small enough to stay in L2
+    # between the statistics and the apply kernel: the apply reads x again from L2.
     block_c, block_s = _tile_shape(CPG, S, launch.channels_last, launch.traits)
     num_s_blocks = triton.cdiv(S, block_s)
     num_tiles = triton.cdiv(CPG, block_c) * num_s_blocks
     target = _target_programs(launch.traits)
-    splits = min(num_tiles, triton.cdiv(target, N * G))
-    tiles_per_split = triton.cdiv(num_tiles, splits)
-    splits = triton.cdiv(num_tiles, tiles_per_split)
-    stats_meta = dict(G=G, CPG=CPG, S=S, stride_n=launch.strides[0], stride_c=launch.strides[1],
-                      stride_s=launch.strides[2], eps=eps, tiles_per_split=tiles_per_split,
-                      num_s_blocks=num_s_blocks, num_tiles=num_tiles, BLOCK_C=block_c,
-                      BLOCK_S=block_s, ACC_DTYPE=launch.acc_tl, INDEX_64=launch.index_64,
-                      num_warps=_num_warps(block_c, block_s))
-    if splits == 1:
-        steps.append(Step(_group_stats_kernel, (N * G, 1), (x, mean, mean, rstd),
-                          dict(FINALIZE=True, **stats_meta), 1, stats_bytes))
-    else:
-        partial = torch.empty((3, N * G, splits), dtype=launch.acc_torch, device=x.device)
-        partial_bytes = partial.numel() * launch.acc_size
-        steps.append(Step(_group_stats_kernel, (N * G, splits),
-                          (x, partial[0], partial[1], partial[2]),
-                          dict(FINALIZE=False, **stats_meta), 1, partial_bytes))
-        block = min(triton.next_power_of_2(N * G), 1024)
-        steps.append(Step(_group_stats_combine_kernel, (triton.cdiv(N * G, block),),
-                          (partial[0], partial[1], partial[2], mean, rstd, N * G, splits, eps),
-                          dict(BLOCK=block, ACC_DTYPE=launch.acc_tl), 0,
-                          partial_bytes + stats_bytes))
-    grid, meta = launch.elementwise_meta()
-    steps.append(Step(_forward_apply_kernel, grid,
-                      (x, y, mean, rstd, weight, bias, proxy_mean, proxy_scale, C, S, G, CPG,
-                       *launch.strides, slope),
-                      dict(PROXY=proxy, **launch.flags, **meta), 2,
-                      stats_bytes + launch.param_bytes))
+    for n0, n1, in_l2 in launch.l2_chunks(num_tensors=1):
+        chunk, share = slice(n0, n1), (n1 - n0) / N  # share: of the x-sized tensors
+        xc, yc, mc, rc = x[chunk], y[chunk], mean[chunk], rstd[chunk]
+        ngc = (n1 - n0) * G
+        splits = min(num_tiles, triton.cdiv(target, ngc))
+        tiles_per_split = triton.cdiv(num_tiles, splits)
+        splits = triton.cdiv(num_tiles, tiles_per_split)
+        stats_meta = dict(G=G, CPG=CPG, S=S, stride_n=launch.strides[0],
+                          stride_c=launch.strides[1], stride_s=launch.strides[2], eps=eps,
+                          tiles_per_split=tiles_per_split, num_s_blocks=num_s_blocks,
+                          num_tiles=num_tiles, BLOCK_C=block_c, BLOCK_S=block_s,
+                          ACC_DTYPE=launch.acc_tl, INDEX_64=launch.index_64,
+                          num_warps=_num_warps(block_c, block_s))
+        chunk_stats_bytes = 2 * ngc * launch.acc_size
+        if splits == 1:
+            steps.append(Step(_group_stats_kernel, (ngc, 1), (xc, mc, mc, rc),
+                              dict(FINALIZE=True, **stats_meta), share, chunk_stats_bytes))
+        else:
+            partial = torch.empty((3, ngc, splits), dtype=launch.acc_torch, device=x.device)
+            partial_bytes = partial.numel() * launch.acc_size
+            steps.append(Step(_group_stats_kernel, (ngc, splits),
+                              (xc, partial[0], partial[1], partial[2]),
+                              dict(FINALIZE=False, **stats_meta), share, partial_bytes))
+            block = min(triton.next_power_of_2(ngc), 1024)
+            steps.append(Step(_group_stats_combine_kernel, (triton.cdiv(ngc, block),),
+                              (partial[0], partial[1], partial[2], mc, rc, ngc, splits, eps),
+                              dict(BLOCK=block, ACC_DTYPE=launch.acc_tl), 0,
+                              partial_bytes + chunk_stats_bytes))
+        grid, meta = launch.elementwise_meta(n1 - n0)
+        steps.append(Step(_forward_apply_kernel, grid,
+                          (xc, yc, mc, rc, weight, bias, proxy_mean, proxy_scale, C, S, G, CPG,
+                           *launch.strides, slope),
+                          dict(PROXY=proxy, **launch.flags, **meta), share * (1 if in_l2 else 2),
+                          chunk_stats_bytes + launch.param_bytes, share if in_l2 else 0))
     return Plan("split", steps, (y, mean, rstd))
 
 
@@ -1159,39 +1185,52 @@ def backward_plan(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, 
             step, proxy_mean, proxy_scale = launch.proxy_stats_step(
                 weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
             steps.append(step)
-        # Per-(n, c) partial sums, split over S so that N * C-blocks programs fill the device.
+        # Per chunk of the batch that x and grad fit L2 with: per-(n, c) partial sums split over
+        # S so that the programs fill the device, the group sums SA, SB, then dx, which reads x
+        # and grad again from L2. Each chunk fills its own rows of the partials.
         block_c, block_s = _tile_shape(C, S, launch.channels_last, launch.traits)
         num_c_blocks = triton.cdiv(C, block_c)
         num_s_blocks = triton.cdiv(S, block_s)
         target = _target_programs(launch.traits)
-        row_blocks = N * num_c_blocks
-        splits = 1 if row_blocks >= target else min(num_s_blocks, triton.cdiv(target, row_blocks))
-        s_per_split = triton.cdiv(num_s_blocks, splits) * block_s
-        splits = triton.cdiv(S, s_per_split)
-        partials = torch.empty((4, splits, N, C), dtype=launch.acc_torch, device=x.device)
+        chunks = []
+        for n0, n1, in_l2 in launch.l2_chunks(num_tensors=2):
+            row_blocks = (n1 - n0) * num_c_blocks
+            splits = 1 if row_blocks >= target else min(num_s_blocks,
+                                                        triton.cdiv(target, row_blocks))
+            s_per_split = triton.cdiv(num_s_blocks, splits) * block_s
+            chunks.append((n0, n1, in_l2, triton.cdiv(S, s_per_split), s_per_split))
+        rows = sum(splits * (n1 - n0) for n0, n1, _, splits, _ in chunks)
+        partials = torch.empty((4, rows, C), dtype=launch.acc_torch, device=x.device)
         partial_bytes = partials.numel() * launch.acc_size
-        steps.append(Step(
-            _backward_partials_kernel, (row_blocks, splits),
-            (grad_out, x, mean, rstd, weight, bias, proxy_scale, partials, N, C, S, G, CPG,
-             *launch.strides, *grad_strides, slope, num_c_blocks, s_per_split),
-            dict(PROXY=proxy, BLOCK_C=block_c, BLOCK_S=block_s, INDEX_64=launch.index_64,
-                 num_warps=_num_warps(block_c, block_s), **launch.flags),
-            2, stats_bytes + partial_bytes + launch.param_bytes))
-        group_sums = torch.empty((2, N, G), dtype=launch.acc_torch, device=x.device)
-        steps.append(Step(
-            _backward_group_sums_kernel, (N * G,), (partials, weight, group_sums, N, C, G, CPG,
-                                                    splits),
-            dict(BLOCK_C=min(triton.next_power_of_2(CPG), 1024), ACC_DTYPE=launch.acc_tl),
-            0, partial_bytes // 2 + stats_bytes))
-        grid, meta = launch.elementwise_meta()
-        steps.append(Step(
-            _backward_dx_kernel, grid,
-            (grad_out, x, dx, mean, rstd, group_sums, weight, bias, proxy_scale, N, C, S, G, CPG,
-             *launch.strides, *grad_strides, slope, launch.inv_m),
-            dict(PROXY=proxy, **launch.flags, **meta), 3,
-            2 * stats_bytes + launch.param_bytes))
-        rows = splits * N
-
+        row0 = 0
+        for n0, n1, in_l2, splits, s_per_split in chunks:
+            chunk, nc = slice(n0, n1), n1 - n0
+            share = nc / N  # of the x-sized tensors
+            xc, gc, dxc, mc, rc = x[chunk], grad_out[chunk], dx[chunk], mean[chunk], rstd[chunk]
+            pc = partials[:, row0:row0 + splits * nc]
+            row0 += splits * nc
+            chunk_partial_bytes = pc.numel() * launch.acc_size
+            chunk_stats_bytes = 2 * nc * G * launch.acc_size
+            steps.append(Step(
+                _backward_partials_kernel, (nc * num_c_blocks, splits),
+                (gc, xc, mc, rc, weight, bias, proxy_scale, pc, rows * C, nc, C, S, G, CPG,
+                 *launch.strides, *grad_strides, slope, num_c_blocks, s_per_split),
+                dict(PROXY=proxy, BLOCK_C=block_c, BLOCK_S=block_s, INDEX_64=launch.index_64,
+                     num_warps=_num_warps(block_c, block_s), **launch.flags),
+                2 * share, chunk_stats_bytes + chunk_partial_bytes + launch.param_bytes))
+            group_sums = torch.empty((2, nc, G), dtype=launch.acc_torch, device=x.device)
+            steps.append(Step(
+                _backward_group_sums_kernel, (nc * G,),
+                (pc, rows * C, weight, group_sums, nc, C, G, CPG, splits),
+                dict(BLOCK_C=min(triton.next_power_of_2(CPG), 1024), ACC_DTYPE=launch.acc_tl),
+                0, chunk_partial_bytes // 2 + chunk_stats_bytes))
+            grid, meta = launch.elementwise_meta(nc)
+            steps.append(Step(
+                _backward_dx_kernel, grid,
+                (gc, xc, dxc, mc, rc, group_sums, weight, bias, proxy_scale, nc, C, S, G, CPG,
+                 *launch.strides, *grad_strides, slope, launch.inv_m),
+                dict(PROXY=proxy, **launch.flags, **meta), share * (1 if in_l2 else 3),
+                2 * chunk_stats_bytes + launch.param_bytes, 2 * share if in_l2 else 0))
     # Few channels per program with PN (each evaluates K proxy samples per channel), many without.
     block_c_params = min(triton.next_power_of_2(C), 16 if proxy else 64)
     steps.append(Step(

@@ -93,7 +93,7 @@ def test_launch_plan_for_a_gpu_without_one():
     cpu = kernels.device_traits(torch.device("cpu"))
     with kernels.plan_as_gpu(132):
         gpu = kernels.device_traits(torch.device("cpu"))
-    assert not cpu.gpu and gpu == kernels.DeviceTraits(gpu=True, sm_count=132)
+    assert not cpu.gpu and gpu == kernels.DeviceTraits(gpu=True, sm_count=132, l2_bytes=50 * 2**20)
     block_c, block_s = kernels._tile_shape(256, 3136, False, gpu)
     assert block_c * block_s == 1024 and block_s == 1024
     assert kernels._tile_shape(256, 3136, False, cpu)[1] == 4096

@@ -45,14 +45,26 @@ def test_large_groups_reread_from_l2_only(shape, groups):
     assert _totals(backward, shape)[:3] == (2, 3, 2)
 
 
-@pytest.mark.parametrize("shape,groups", [((32, 256, 56, 56), 1), ((1, 256, 56, 56), 1),
-                                          ((2, 320, 64, 64), 32)])
-def test_few_large_groups_take_the_split_path(shape, groups):
-    """N*G below the SM count: one program per group would leave SMs idle."""
+@pytest.mark.parametrize("shape,groups,chunks", [((32, 256, 56, 56), 1, (2, 4)),
+                                                 ((1, 256, 56, 56), 1, (1, 1)),
+                                                 ((2, 320, 64, 64), 32, (1, 1))])
+def test_few_large_groups_split_in_chunks_that_stay_in_l2(shape, groups, chunks):
+    """N*G below the SM count: the statistics and partial sums are split over many programs, and
+    the batch is walked in chunks of at most half the L2, so that the second kernel over a chunk
+    reads it back from L2."""
     forward, backward = _plans(shape, groups)
     assert forward.path == "split"
-    assert _totals(forward, shape)[:3] == (4, 3, 0)   # proxy, stats, combine, apply
-    assert _totals(backward, shape)[:3] == (5, 5, 0)  # proxy, partials, group sums, dx, params
+    # proxy statistics, then per chunk: statistics, their merge, y
+    assert _totals(forward, shape)[:3] == (1 + 3 * chunks[0], 2, 1)
+    # proxy statistics, per chunk: partial sums, group sums, dx; then the parameter gradients
+    assert _totals(backward, shape)[:3] == (2 + 3 * chunks[1], 3, 2)
+
+
+def test_a_sample_larger_than_l2_is_read_twice_from_memory():
+    forward, backward = _plans((1, 1024, 160, 160), 1)  # 52 MB of bf16 per sample
+    assert forward.path == "split"
+    assert _totals(forward, (1, 1024, 160, 160))[1:3] == (3, 0)
+    assert _totals(backward, (1, 1024, 160, 160))[1:3] == (5, 0)
 
 
 def test_small_traffic_is_small_where_spatial_is_large():

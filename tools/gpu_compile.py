@@ -39,8 +39,8 @@ from pathlib import Path  # noqa: E402
 
 # One architecture: SM count (the launch plan depends on it) and shared memory per block.
 ARCHES = {
-    90: dict(name="H100 (sm_90)", sm_count=132, max_shared_mem=232448),
-    80: dict(name="A100 (sm_80)", sm_count=108, max_shared_mem=166912),
+    90: dict(name="H100 (sm_90)", sm_count=132, l2_bytes=50 * 2**20, max_shared_mem=232448),
+    80: dict(name="A100 (sm_80)", sm_count=108, l2_bytes=40 * 2**20, max_shared_mem=166912),
 }
 ACTIVATIONS = ["identity", "relu", "silu", "gelu", "gelu_tanh", ("leaky_relu", 0.1)]
 # (PN on, proxy_bias given, proxy_weight given)
@@ -282,7 +282,7 @@ def compile_arch(arch: int, full: bool):
     driver.set_active(fake)
     start = time.perf_counter()
     failures = []
-    with plan_as_gpu(ARCHES[arch]["sm_count"]):
+    with plan_as_gpu(ARCHES[arch]["sm_count"], ARCHES[arch]["l2_bytes"]):
         for case in cases(full):
             try:
                 run_case(case)

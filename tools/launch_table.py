@@ -51,8 +51,12 @@ def plans(shape, groups, dtype=torch.bfloat16, proxy=True, channels_last=False):
 
 def totals(plan, x_bytes):
     """(launches, x passes in memory, x passes from L2, small traffic in units of T)."""
-    return (len(plan.steps), sum(s.x_passes for s in plan.steps),
-            sum(s.l2_passes for s in plan.steps),
+    def passes(values):  # whole passes when chunks add up to one
+        total = round(sum(values), 6)
+        return int(total) if total == int(total) else total
+
+    return (len(plan.steps), passes(s.x_passes for s in plan.steps),
+            passes(s.l2_passes for s in plan.steps),
             sum(s.small_bytes for s in plan.steps) / x_bytes)
 
 
