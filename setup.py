@@ -8,6 +8,7 @@ asks whether a GPU is present, so a CUDA extension can be built on a machine wit
 Environment:
   FUSEDNORM_NO_EXTENSION=1  no compiled code at all (pure-Python install: Triton + reference)
   FUSEDNORM_NO_CUDA=1       CPU extension only
+  FUSEDNORM_BUILD_DIR       where object files are kept between builds (default: build/temp)
   MAX_JOBS                  parallel compile jobs (read by torch.utils.cpp_extension)
   TORCH_CUDA_ARCH_LIST      GPU architectures, e.g. "8.0;9.0" (read by torch.utils.cpp_extension)
 """
@@ -18,6 +19,8 @@ import shutil
 import sys
 
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 install_requires = ["numpy"]
 if importlib.util.find_spec("torch") is None:
@@ -118,7 +121,16 @@ def _extension_setup():
 def _build_ext_class(cpp_extension):
     class BuildExtension(cpp_extension.BuildExtension):
         """cpp_extension's builder, plus one more object of each PER_CAPABILITY_SOURCES file per
-        CPU instruction set, compiled with that set's flags and -DCPU_CAPABILITY=<name>."""
+        CPU instruction set, compiled with that set's flags and -DCPU_CAPABILITY=<name>.
+
+        Objects go to build/temp (FUSEDNORM_BUILD_DIR) even for editable installs, which would
+        otherwise compile in a new temporary folder each time: ninja then rebuilds only the
+        sources that changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.environ.get("FUSEDNORM_BUILD_DIR",
+                                             os.path.join(ROOT, "build", "temp"))
 
         def build_extension(self, ext):
             objects = []
@@ -139,13 +151,6 @@ def _build_ext_class(cpp_extension):
     return BuildExtension
 
 
-setup(
-    name="fusednorm",
-    version="0.1.0",
-    description="Fused GroupNorm/LayerNorm + activation + Proxy Normalization for PyTorch",
-    packages=["fusednorm", "fusednorm.kernels", "fusednorm.models", "fusednorm.analysis"],
-    package_dir={"fusednorm": "fusednorm", "fusednorm.kernels": "kernels"},
-    python_requires=">=3.9",
-    install_requires=install_requires,
-    **_extension_setup(),
-)
+# Metadata and packages are in pyproject.toml; this file adds what must be computed at build
+# time: the dependencies and the extension.
+setup(install_requires=install_requires, **_extension_setup())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -10,6 +11,9 @@ from .checks import check_args
 
 BACKENDS = ("auto", "triton", "reference", "cpu", "cuda")
 BACKEND_ENV = "FUSEDNORM_BACKEND"
+NO_EXTENSION_ENV = "FUSEDNORM_NO_EXTENSION"
+BUILD_COMMAND = "pip install --no-build-isolation -e .  (from the fusednorm checkout)"
+_warned_fallback: set = set()
 
 
 def group_norm_proxy_act(input, num_groups, weight=None, bias=None, proxy_bias=None,
@@ -74,9 +78,14 @@ def select_backend(backend, input: torch.Tensor) -> str:
             # Triton stays the CUDA default until GPU benchmarks compare it with the CUDA kernel.
             if ops.triton_available():
                 return "triton"
-            return "cuda" if ops.extension_has_kernel("cuda") else "reference"
-        if device == "cpu" and ops.extension_has_kernel("cpu"):
-            return "cpu"
+            if ops.extension_has_kernel("cuda"):
+                return "cuda"
+            _warn_fallback("cuda", "neither triton nor the extension's CUDA kernels are there")
+            return "reference"
+        if device == "cpu":
+            if ops.extension_has_kernel("cpu"):
+                return "cpu"
+            _warn_fallback("cpu", "the C++ extension fusednorm._C is not built")
         return "reference"
     if requested == "triton":
         if not ops.triton_available():
@@ -89,11 +98,25 @@ def select_backend(backend, input: torch.Tensor) -> str:
             raise RuntimeError(
                 f"backend {requested!r} needs the compiled extension with a {requested.upper()} "
                 f"kernel, which is not built ({ops.EXTENSION_IMPORT_ERROR or 'built without it'}); "
-                f"build it with `pip install --no-build-isolation -e .` (CUDA needs a CUDA build "
-                f"of torch and nvcc)")
+                f"build it with `{BUILD_COMMAND}` (CUDA needs a CUDA build of torch and nvcc)")
         if device != requested:
             raise ValueError(f"backend {requested!r} got a {device} tensor")
     return requested
+
+
+def _warn_fallback(device: str, missing: str) -> None:
+    """Once per device type: "auto" runs the eager reference (several times slower) because a
+    fused backend is missing. Quiet for installs made without the extension on purpose."""
+    if device in _warned_fallback or os.environ.get(NO_EXTENSION_ENV, "") not in ("", "0"):
+        return
+    _warned_fallback.add(device)
+    build = (f"build it with `{BUILD_COMMAND}`" if device == "cpu" else
+             "install triton, or build the extension against a CUDA build of torch with nvcc: "
+             f"`{BUILD_COMMAND}`")
+    warnings.warn(f"fusednorm: {missing}, so backend 'auto' runs the eager reference on {device} "
+                  f"tensors, several times slower than the fused kernels; {build}, or set "
+                  f"{NO_EXTENSION_ENV}=1 to silence this. `python -m fusednorm` shows what is "
+                  f"installed.", RuntimeWarning, stacklevel=4)
 
 
 def _materialize_affine(input, weight, bias):

@@ -36,6 +36,7 @@ class GroupNormProxyAct(nn.Module):
             self.register_parameter("proxy_weight", None)
 
     def forward(self, input):
+        _check_channels(self, input)
         return functional.group_norm_proxy_act(
             input, self.num_groups, self.weight, self.bias, self.proxy_bias, self.proxy_weight,
             activation=self.activation, eps=self.eps, proxy_eps=self.proxy_eps,
@@ -68,6 +69,7 @@ class GroupNormAct(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, input):
+        _check_channels(self, input)
         return functional.group_norm_act(input, self.num_groups, self.weight, self.bias,
                                          activation=self.activation, eps=self.eps,
                                          backend=self.backend)
@@ -75,3 +77,12 @@ class GroupNormAct(nn.Module):
     def extra_repr(self):
         return (f"{self.num_groups}, {self.num_channels}, activation={self.activation!r}, "
                 f"eps={self.eps}, affine={self.weight is not None}")
+
+
+def _check_channels(module, input):
+    """The module's view of a channel mismatch (the functional API would blame the weight)."""
+    if isinstance(input, torch.Tensor) and input.dim() >= 2 and input.shape[1] != module.num_channels:
+        raise ValueError(
+            f"{type(module).__name__}({module.num_groups}, {module.num_channels}): the input has "
+            f"{input.shape[1]} channels (shape {tuple(input.shape)}) where the module expects "
+            f"{module.num_channels}")

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                         "bench/results/<device>-<date>/)")
     parser.add_argument("--skip", default="", help="comma list of steps to leave out")
     parser.add_argument("--bench-args", default="--shape-sets resnet,diffusion --batch 32 "
-                        "--repeats 50 --warmup 5",
+                        "--dtypes bf16 --modes fwd+bwd --repeats 30 --warmup 3",
                         help="arguments of bench/group_norm_proxy_act.py (default: %(default)s)")
     args = parser.parse_args(argv)
     if not cuda_available():
@@ -140,11 +140,13 @@ def main(argv=None) -> int:
     cuda_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     py = sys.executable
     plan = [
+        # The CPU-only compile checks are CI's; here the GPU runs the rest.
         ("tests", [py, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-rs",
-                   f"--junitxml={out_dir / 'junit.xml'}"], 300),
+                   "--ignore=tests/test_gpu_readiness.py", f"--junitxml={out_dir / 'junit.xml'}"],
+         240),
         ("bench", [py, "bench/group_norm_proxy_act.py", "--device", "cuda",
-                   "--output-dir", str(out_dir), *args.bench_args.split()], 240),
-        ("profile", [py, str(Path(__file__).resolve()), "--profile-into", str(out_dir)], 60),
+                   "--output-dir", str(out_dir), *args.bench_args.split()], 180),
+        ("profile", [py, str(Path(__file__).resolve()), "--profile-into", str(out_dir)], 45),
     ]
     ncu = shutil.which("ncu")
     if ncu:
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
                              "--kernel-name", "regex:_kernel$", "--launch-count", "24",
                              "--section", "SpeedOfLight", "--section", "Occupancy",
                              "--section", "LaunchStats", py, str(Path(__file__).resolve()),
-                             "--profile-into", str(out_dir / "ncu-target"), "--steps", "1"], 120))
+                             "--profile-into", str(out_dir / "ncu-target"), "--steps", "1"], 90))
     steps = []
     for name, command, limit in plan:
         if name in skip:

@@ -22,19 +22,24 @@ TERM_LABELS = (r"$(E_n[\mu_c])^2$", r"$\mathrm{Var}_n[\mu_c]$", r"$(E_n[\sigma_c
 
 
 def main(argv=None):
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every flag's default."""
+
     parser = argparse.ArgumentParser(prog="python -m fusednorm.analysis", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--norms", nargs="+", default=list(PAPER_NORMS), choices=NORMS)
+                                     formatter_class=Formatter)
+    parser.add_argument("--norms", nargs="+", default=list(PAPER_NORMS), choices=NORMS,
+                        help="the norms to compare, one panel each")
     parser.add_argument("--depth", type=int, default=50, help="number of norm-act-conv layers")
     parser.add_argument("--width", type=int, default=128, help="channels of every layer")
     parser.add_argument("--groups", type=int, default=8, help="groups of GN and GN+PN")
-    parser.add_argument("--activation", default="relu")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--activation", default="relu", help="the activation after each norm")
+    parser.add_argument("--batch", type=int, default=32, help="input images per forward")
     parser.add_argument("--size", type=int, default=16, help="image height and width")
-    parser.add_argument("--padding", default="circular", choices=("circular", "zeros"))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="power_plots.png")
-    parser.add_argument("--dpi", type=int, default=80)
+    parser.add_argument("--padding", default="circular", choices=("circular", "zeros"),
+                        help="boundary of the 3x3 convolutions (circular: periodic, as the paper)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs and weights")
+    parser.add_argument("--out", default="power_plots.png", help="PNG file to write")
+    parser.add_argument("--dpi", type=int, default=80, help="resolution of the PNG")
     args = parser.parse_args(argv)
 
     inputs = random_inputs(args.batch, 3, args.size, args.seed)

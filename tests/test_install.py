@@ -1,0 +1,124 @@
+"""Installs: the extension is really built (never a silent fallback to the eager reference), a
+fresh venv with the newest setuptools and its bundled pip gets the `cpu` backend, and a missing
+extension is loud."""
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusednorm
+from fusednorm import functional, ops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_extension_is_built():
+    """CI installs with the extension (unless FUSEDNORM_NO_EXTENSION=1): assert it is there."""
+    if os.environ.get("FUSEDNORM_NO_EXTENSION", "") not in ("", "0"):
+        pytest.skip("FUSEDNORM_NO_EXTENSION is set: this install has no extension on purpose")
+    assert ops.EXTENSION_IMPORT_ERROR is None, f"fusednorm._C did not import: {ops.EXTENSION_IMPORT_ERROR}"
+    assert ops.extension_has_kernel("cpu")
+    assert functional.select_backend("auto", torch.empty(1, 2)) == "cpu"
+
+
+@pytest.fixture
+def without_extension(monkeypatch):
+    monkeypatch.setattr(ops, "_EXTENSION_KERNELS", {"cpu": False, "cuda": False})
+    monkeypatch.setattr(ops, "EXTENSION_IMPORT_ERROR", ImportError("no module named fusednorm._C"))
+    monkeypatch.setattr(functional, "_warned_fallback", set())
+    monkeypatch.delenv("FUSEDNORM_NO_EXTENSION", raising=False)
+    monkeypatch.delenv("FUSEDNORM_BACKEND", raising=False)
+
+
+def test_missing_extension_warns_once(without_extension):
+    x = torch.randn(2, 4, 3)
+    with pytest.warns(RuntimeWarning, match=r"fusednorm\._C is not built.*eager reference.*"
+                                            r"pip install --no-build-isolation"):
+        y = fusednorm.group_norm_proxy_act(x, 2)
+    torch.testing.assert_close(y, fusednorm.reference.group_norm_proxy_act(x, 2))
+    with warnings_as_errors():
+        fusednorm.group_norm_proxy_act(x, 2)  # once is enough
+
+
+def test_no_extension_on_purpose_is_quiet(without_extension, monkeypatch):
+    monkeypatch.setenv("FUSEDNORM_NO_EXTENSION", "1")
+    with warnings_as_errors():
+        fusednorm.group_norm_proxy_act(torch.randn(2, 4, 3), 2)
+
+
+@contextlib.contextmanager
+def warnings_as_errors():
+    """A block in which any warning fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+def test_info_lists_versions_backends_and_isa():
+    values = fusednorm.info()
+    assert values["torch"] == torch.__version__
+    assert "reference" in values["backends that run here"]
+    if ops.extension_has_kernel("cpu"):
+        assert "cpu" in values["backends that run here"]
+        assert values["CPU instruction set (C++ kernels)"] in ("DEFAULT", "AVX2", "AVX512")
+    out = subprocess.run([sys.executable, "-m", "fusednorm"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "backends that run here" in out and torch.__version__ in out
+
+
+def test_module_names_its_channel_mismatch():
+    module = fusednorm.GroupNormProxyAct(5, 30)
+    with pytest.raises(ValueError, match=r"GroupNormProxyAct\(5, 30\): the input has 40 channels "
+                                         r".* where the module expects 30"):
+        module(torch.randn(2, 40, 3, 3))
+    with pytest.raises(ValueError, match=r"GroupNormAct\(4, 8\): the input has 6 channels"):
+        fusednorm.GroupNormAct(4, 8)(torch.randn(2, 6, 3))
+
+
+def test_analysis_help_shows_every_flag_with_its_default():
+    out = subprocess.run([sys.executable, "-m", "fusednorm.analysis", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--norms", "--depth", "--width", "--groups", "--activation", "--batch", "--size",
+                 "--padding", "--seed", "--out", "--dpi"):
+        assert flag in out
+    assert out.count("(default:") >= 11
+
+
+def test_fresh_venv_with_newest_setuptools_gets_the_cpu_backend(tmp_path):
+    """As a new user: a fresh venv (its bundled pip), `pip install -U setuptools`, then the
+    README's `pip install --no-build-isolation -e .` of a copy of this checkout. torch and triton
+    come from this interpreter's site-packages (a venv with --system-site-packages), so nothing
+    large is downloaded; setuptools is the newest the package index has."""
+    if os.environ.get("FUSEDNORM_NO_EXTENSION", "") not in ("", "0"):
+        pytest.skip("FUSEDNORM_NO_EXTENSION is set: no extension to build")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.so", "*.egg-info", "__pycache__", ".pytest_cache", "bench"))
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEDNORM_")}
+    env["MAX_JOBS"] = str(os.cpu_count() or 2)
+
+    def run(*args, cwd=checkout):
+        done = subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=1500)
+        assert done.returncode == 0, f"{args}:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
+        return done.stdout
+
+    run("-m", "pip", "install", "-q", "--upgrade", "setuptools")
+    run("-m", "pip", "install", "-q", "--no-build-isolation", "-e", ".")
+    out = run("-c", "import fusednorm, sys; from fusednorm import ops; "
+                    "print(fusednorm.__file__); print(ops.extension_has_kernel('cpu')); "
+                    "import setuptools; print(setuptools.__version__)", cwd=tmp_path)
+    path, has_cpu, setuptools_version = out.split()
+    assert Path(path).resolve().is_relative_to(checkout.resolve()), path
+    assert has_cpu == "True", out
+    assert int(setuptools_version.split(".")[0]) >= 64
