@@ -157,6 +157,45 @@ def _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope, ACT: tl
 
 
 @triton.jit
+def _group_of_program(G, INDEX_64: tl.constexpr):
+    """(ng, n, g) of a program of a grid with one program per (n, g) along axis 0."""
+    ng = tl.program_id(0)
+    n = ng // G
+    g = ng % G
+    if INDEX_64:
+        n = n.to(tl.int64)
+        g = g.to(tl.int64)
+    return ng, n, g
+
+
+@triton.jit
+def _tile_in_group(c0, s0, CPG, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Channel and spatial offsets of the [BLOCK_C, BLOCK_S] tile at (c0, s0) of a group of CPG
+    channels and S positions, the channel mask and the tile mask."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mask_c = offs_c < CPG
+    return offs_c, offs_s, mask_c, mask_c[:, None] & (offs_s < S)[None, :]
+
+
+@triton.jit
+def _load_tile(base, offs_c, offs_s, stride_c, stride_s, mask, ACC_DTYPE: tl.constexpr):
+    return tl.load(base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s, mask=mask,
+                   other=0.0).to(ACC_DTYPE)
+
+
+@triton.jit
+def _store_partials(partials, plane, offs_c, mask_c, sum_gz, sum_gz_xhat, sum_g, sum_g_a,
+                    PROXY: tl.constexpr):
+    """A, B (and with PN D, E) of a block of channels into the 4 planes of the partials."""
+    tl.store(partials + offs_c, sum_gz, mask=mask_c)
+    tl.store(partials + plane + offs_c, sum_gz_xhat, mask=mask_c)
+    if PROXY:
+        tl.store(partials + 2 * plane + offs_c, sum_g, mask=mask_c)
+        tl.store(partials + 3 * plane + offs_c, sum_g_a, mask=mask_c)
+
+
+@triton.jit
 def _load_norm_params(group_mean_ptr, group_rstd_ptr, weight_ptr, bias_ptr, n, offs_c, mask_c,
                       G, CPG, ACC_DTYPE: tl.constexpr):
     """Per channel of a tile: its (n, g) row index, the group's mean and rstd, gamma and beta."""
@@ -239,13 +278,8 @@ def _group_stats_kernel(
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
     INDEX_64: tl.constexpr,   # x has 2**31 elements or more: 64-bit offsets
 ):
-    ng = tl.program_id(0)
+    ng, n, g = _group_of_program(G, INDEX_64)
     split = tl.program_id(1)
-    n = ng // G
-    g = ng % G
-    if INDEX_64:
-        n = n.to(tl.int64)
-        g = g.to(tl.int64)
     base = x_ptr + n * stride_n + g * CPG * stride_c
     count = tl.zeros([], ACC_DTYPE)
     mean = tl.zeros([], ACC_DTYPE)
@@ -378,19 +412,11 @@ def _forward_group_kernel(
     eps = tl.full([], eps, ACC_DTYPE)
     proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)
     inv_m = tl.full([], inv_m, ACC_DTYPE)
-    ng = tl.program_id(0)
-    n = ng // G
-    g = ng % G
-    if INDEX_64:
-        n = n.to(tl.int64)
-        g = g.to(tl.int64)
+    ng, n, g = _group_of_program(G, INDEX_64)
     x_base = x_ptr + n * stride_n + g * CPG * stride_c
     y_base = y_ptr + n * stride_n + g * CPG * stride_c
     if RESIDENT:
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_s = tl.arange(0, BLOCK_S)
-        mask_c = offs_c < CPG
-        mask = mask_c[:, None] & (offs_s < S)[None, :]
+        offs_c, offs_s, mask_c, mask = _tile_in_group(0, 0, CPG, S, BLOCK_C, BLOCK_S)
         offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
         x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
         mean = tl.sum(x) * inv_m
@@ -407,24 +433,19 @@ def _forward_group_kernel(
         mean = tl.zeros([], ACC_DTYPE)
         m2 = tl.zeros([], ACC_DTYPE)
         for c0 in range(0, CPG, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask = (offs_c < CPG)[:, None] & (offs_s < S)[None, :]
-                x = tl.load(x_base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
-                            mask=mask, other=0.0).to(ACC_DTYPE)
+                offs_c, offs_s, mask_c, mask = _tile_in_group(c0, s0, CPG, S, BLOCK_C, BLOCK_S)
+                x = _load_tile(x_base, offs_c, offs_s, stride_c, stride_s, mask, ACC_DTYPE)
                 count, mean, m2 = _chan_merge(count, mean, m2, x, mask)
         rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_m, 0.0) + eps)
         for c0 in range(0, CPG, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < CPG
+            offs_c, offs_s, mask_c, mask = _tile_in_group(c0, 0, CPG, S, BLOCK_C, BLOCK_S)
             weight, bias, proxy_mean, proxy_scale = _channel_params(
                 weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr,
                 g * CPG + offs_c, mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS,
                 HAS_PROXY_WEIGHT, BLOCK_K, ACC_DTYPE)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                offs_c, offs_s, mask_c, mask = _tile_in_group(c0, s0, CPG, S, BLOCK_C, BLOCK_S)
                 offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
                 x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
                 out = _apply(x, mean, rstd, weight, bias, proxy_mean, proxy_scale, slope, ACT,
@@ -709,12 +730,7 @@ def _backward_group_kernel(
     slope = tl.full([], slope, ACC_DTYPE)
     proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)
     inv_m = tl.full([], inv_m, ACC_DTYPE)
-    ng = tl.program_id(0)
-    n = ng // G
-    g_idx = ng % G
-    if INDEX_64:
-        n = n.to(tl.int64)
-        g_idx = g_idx.to(tl.int64)
+    ng, n, g_idx = _group_of_program(G, INDEX_64)
     mean = tl.load(group_mean_ptr + ng)
     rstd = tl.load(group_rstd_ptr + ng)
     c_first = g_idx * CPG
@@ -724,14 +740,10 @@ def _backward_group_kernel(
     partials = partials_ptr + n * C + c_first
     plane = N * C
     if RESIDENT:
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_s = tl.arange(0, BLOCK_S)
-        mask_c = offs_c < CPG
-        mask = mask_c[:, None] & (offs_s < S)[None, :]
+        offs_c, offs_s, mask_c, mask = _tile_in_group(0, 0, CPG, S, BLOCK_C, BLOCK_S)
         offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
         x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-        g = tl.load(g_base + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
-                    mask=mask, other=0.0).to(ACC_DTYPE)
+        g = _load_tile(g_base, offs_c, offs_s, stride_gc, stride_gs, mask, ACC_DTYPE)
         weight, bias, proxy_mean, proxy_scale = _channel_params(
             weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr, c_first + offs_c,
             mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS, HAS_PROXY_WEIGHT, BLOCK_K,
@@ -740,12 +752,13 @@ def _backward_group_kernel(
                                   PROXY)
         sum_gz = tl.sum(g_z, axis=1)
         sum_gz_xhat = tl.sum(g_z * xhat, axis=1)
-        tl.store(partials + offs_c, sum_gz, mask=mask_c)
-        tl.store(partials + plane + offs_c, sum_gz_xhat, mask=mask_c)
+        sum_g = sum_gz
+        sum_g_a = sum_gz
         if PROXY:
-            tl.store(partials + 2 * plane + offs_c, tl.sum(g, axis=1), mask=mask_c)
-            tl.store(partials + 3 * plane + offs_c,
-                     tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1), mask=mask_c)
+            sum_g = tl.sum(g, axis=1)
+            sum_g_a = tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1)
+        _store_partials(partials, plane, offs_c, mask_c, sum_gz, sum_gz_xhat, sum_g, sum_g_a,
+                        PROXY)
         group_a = tl.sum(weight * sum_gz) * inv_m
         group_b = tl.sum(weight * sum_gz_xhat) * inv_m
         dx = rstd * (weight[:, None] * g_z - group_a - xhat * group_b)
@@ -754,8 +767,7 @@ def _backward_group_kernel(
         group_a = tl.zeros([], ACC_DTYPE)
         group_b = tl.zeros([], ACC_DTYPE)
         for c0 in range(0, CPG, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < CPG
+            offs_c, offs_s, mask_c, mask = _tile_in_group(c0, 0, CPG, S, BLOCK_C, BLOCK_S)
             weight, bias, proxy_mean, proxy_scale = _channel_params(
                 weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr,
                 c_first + offs_c, mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS,
@@ -765,12 +777,9 @@ def _backward_group_kernel(
             sum_g = tl.zeros([BLOCK_C], ACC_DTYPE)
             sum_g_a = tl.zeros([BLOCK_C], ACC_DTYPE)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
-                x = tl.load(x_base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
-                            mask=mask, other=0.0).to(ACC_DTYPE)
-                g = tl.load(g_base + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
-                            mask=mask, other=0.0).to(ACC_DTYPE)
+                offs_c, offs_s, mask_c, mask = _tile_in_group(c0, s0, CPG, S, BLOCK_C, BLOCK_S)
+                x = _load_tile(x_base, offs_c, offs_s, stride_c, stride_s, mask, ACC_DTYPE)
+                g = _load_tile(g_base, offs_c, offs_s, stride_gc, stride_gs, mask, ACC_DTYPE)
                 xhat, g_z, z = _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope,
                                           ACT, PROXY)
                 sum_gz += tl.sum(g_z, axis=1)
@@ -778,29 +787,23 @@ def _backward_group_kernel(
                 if PROXY:
                     sum_g += tl.sum(g, axis=1)
                     sum_g_a += tl.sum(tl.where(mask, g * act_value(z, ACT, slope), 0.0), axis=1)
-            tl.store(partials + offs_c, sum_gz, mask=mask_c)
-            tl.store(partials + plane + offs_c, sum_gz_xhat, mask=mask_c)
-            if PROXY:
-                tl.store(partials + 2 * plane + offs_c, sum_g, mask=mask_c)
-                tl.store(partials + 3 * plane + offs_c, sum_g_a, mask=mask_c)
+            _store_partials(partials, plane, offs_c, mask_c, sum_gz, sum_gz_xhat, sum_g, sum_g_a,
+                            PROXY)
             group_a += tl.sum(weight * sum_gz)
             group_b += tl.sum(weight * sum_gz_xhat)
         group_a = group_a * inv_m
         group_b = group_b * inv_m
         for c0 in range(0, CPG, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < CPG
+            offs_c, offs_s, mask_c, mask = _tile_in_group(c0, 0, CPG, S, BLOCK_C, BLOCK_S)
             weight, bias, proxy_mean, proxy_scale = _channel_params(
                 weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samples_ptr,
                 c_first + offs_c, mask_c, K, slope, proxy_eps, ACT, PROXY, HAS_PROXY_BIAS,
                 HAS_PROXY_WEIGHT, BLOCK_K, ACC_DTYPE)
             for s0 in range(0, S, BLOCK_S):
-                offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask = mask_c[:, None] & (offs_s < S)[None, :]
+                offs_c, offs_s, mask_c, mask = _tile_in_group(c0, s0, CPG, S, BLOCK_C, BLOCK_S)
                 offsets = offs_c[:, None] * stride_c + offs_s[None, :] * stride_s
                 x = tl.load(x_base + offsets, mask=mask, other=0.0).to(ACC_DTYPE)
-                g = tl.load(g_base + offs_c[:, None] * stride_gc + offs_s[None, :] * stride_gs,
-                            mask=mask, other=0.0).to(ACC_DTYPE)
+                g = _load_tile(g_base, offs_c, offs_s, stride_gc, stride_gs, mask, ACC_DTYPE)
                 xhat, g_z, z = _grad_tile(x, g, mean, rstd, weight, bias, proxy_scale, mask, slope,
                                           ACT, PROXY)
                 dx = rstd * (weight[:, None] * g_z - group_a - xhat * group_b)
@@ -1029,7 +1032,12 @@ class _Launch:
                     num_tensors, small_bytes + self.param_bytes,
                     0 if resident else num_tensors - 1)
 
-    def proxy_stats_step(self, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples):
+    def proxy_stats_steps(self, proxy, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps,
+                          samples, placeholder):
+        """([the proxy statistics launch], m_c, s_c) of the split path; with PN off no launch,
+        and ``placeholder`` for the pointers the kernels then do not read."""
+        if not proxy:
+            return [], placeholder, placeholder
         num_samples = samples.numel()
         proxy_mean = torch.empty(self.C, dtype=self.acc_torch, device=self.device)
         proxy_scale = torch.empty_like(proxy_mean)
@@ -1039,7 +1047,7 @@ class _Launch:
                      proxy_mean, proxy_scale, self.C, num_samples, slope, proxy_eps),
                     dict(BLOCK_C=block_c, BLOCK_K=_proxy_block_k(block_c), **self.proxy_flags,
                          **self.flags), 0, 2 * self.C * self.acc_size + self.param_bytes)
-        return step, proxy_mean, proxy_scale
+        return [step], proxy_mean, proxy_scale
 
     def elementwise_meta(self, batch: int):
         """Grid and meta-parameters of an elementwise kernel over ``batch`` samples."""
@@ -1099,12 +1107,8 @@ def forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
         step.kwargs["PROXY"] = proxy
         return Plan(launch.path, [step], (y, mean, rstd))
 
-    steps = []
-    proxy_mean = proxy_scale = mean
-    if proxy:
-        step, proxy_mean, proxy_scale = launch.proxy_stats_step(
-            weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
-        steps.append(step)
+    steps, proxy_mean, proxy_scale = launch.proxy_stats_steps(
+        proxy, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples, mean)
     # Group statistics split over programs (N*G alone would not fill the device), merged in a
     # fixed order by a second small kernel, then y. Batch chunks small enough to stay in L2
     # between the statistics and the apply kernel: the apply reads x again from L2.
@@ -1180,11 +1184,8 @@ def backward_plan(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, 
         steps.append(step)
         rows = N
     else:
-        proxy_scale = mean
-        if proxy:
-            step, proxy_mean, proxy_scale = launch.proxy_stats_step(
-                weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples)
-            steps.append(step)
+        steps, _, proxy_scale = launch.proxy_stats_steps(
+            proxy, weight, bias, proxy_bias, proxy_weight, slope, proxy_eps, samples, mean)
         # Per chunk of the batch that x and grad fit L2 with: per-(n, c) partial sums split over
         # S so that the programs fill the device, the group sums SA, SB, then dx, which reads x
         # and grad again from L2. Each chunk fills its own rows of the partials.
