@@ -923,15 +923,16 @@ PATH_ENV = "FUSEDNORM_TRITON_PATH"
 
 def _group_tile(cpg: int, spatial: int, traits: DeviceTraits):
     """(BLOCK_C, BLOCK_S, num_warps) of a tile holding a whole group, or None when the group is
-    larger than a program keeps in registers: 4096 elements on a GPU, at 8 per thread of up to
-    16 warps, the density at which the backward compiled without spills on sm_80/sm_90 (see
+    larger than a program keeps in registers: 2048 elements on a GPU, at most 4 per thread (16
+    warps), the density at which the GELU backward compiled without spills on sm_80/sm_90 (at 8
+    per thread ptxas capped some at 64-128 registers and spilled; see
     bench/results/triton-resources-sm90.md); 256 under the interpreter, so that small test shapes
     reach the looped and split paths too."""
     block_c, block_s = triton.next_power_of_2(cpg), triton.next_power_of_2(spatial)
-    limit = 4096 if traits.gpu else 256
+    limit = 2048 if traits.gpu else 256
     if block_c * block_s > limit:
         return None
-    return block_c, block_s, max(4, min(16, block_c * block_s // 256))
+    return block_c, block_s, max(4, min(16, block_c * block_s // 128))
 
 
 def choose_path(N: int, G: int, CPG: int, S: int, traits: DeviceTraits) -> str:
@@ -948,7 +949,7 @@ def choose_path(N: int, G: int, CPG: int, S: int, traits: DeviceTraits) -> str:
     fits = _group_tile(CPG, S, traits) is not None
     if forced == "resident" and not fits:
         raise ValueError(f"${PATH_ENV}=resident: a group of {CPG}x{S} elements does not fit one "
-                         f"program (limit {'4096' if traits.gpu else '256'} after rounding up to "
+                         f"program (limit {'2048' if traits.gpu else '256'} after rounding up to "
                          f"powers of two)")
     if forced != "auto":
         return forced
@@ -1057,7 +1058,6 @@ class _Launch:
         meta = dict(num_c_blocks=num_c_blocks, num_s_blocks=num_s_blocks, BLOCK_C=block_c,
                     BLOCK_S=block_s, INDEX_64=self.index_64, num_warps=_num_warps(block_c, block_s))
         return grid, meta
-
 
     def l2_chunks(self, num_tensors: int):
         """(n0, n1, fits) for chunks of the batch whose ``num_tensors`` x-sized tensors take at

@@ -27,7 +27,7 @@ def _totals(plan, shape):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
-@pytest.mark.parametrize("shape,groups", [((32, 2048, 7, 7), 32), ((8, 1280, 8, 8), 32),
+@pytest.mark.parametrize("shape,groups", [((32, 2048, 7, 7), 64), ((16, 512, 8, 8), 32),
                                           ((64, 64, 8, 8), 8)])
 def test_resident_groups_read_x_once(shape, groups, proxy, channels_last):
     forward, backward = _plans(shape, groups, proxy, channels_last)
@@ -37,7 +37,8 @@ def test_resident_groups_read_x_once(shape, groups, proxy, channels_last):
 
 
 @pytest.mark.parametrize("shape,groups", [((32, 256, 56, 56), 32), ((32, 256, 56, 56), 8),
-                                          ((32, 512, 28, 28), 8), ((32, 1024, 14, 14), 8)])
+                                          ((32, 512, 28, 28), 8), ((32, 1024, 14, 14), 8),
+                                          ((32, 2048, 7, 7), 32)])
 def test_large_groups_reread_from_l2_only(shape, groups):
     forward, backward = _plans(shape, groups)
     assert forward.path == "looped"
@@ -75,5 +76,6 @@ def test_small_traffic_is_small_where_spatial_is_large():
 
 def test_the_table_is_made_from_the_plans():
     text = launch_table.table(H100_SMS)
-    assert "| resnet50 2048x7x7 G=32 | resident | 1 | 2T + " in text
+    assert "| diffusion 1280x8x8 G=32 | looped | 1 | 2T + " in text
+    assert "| resnet50 2048x7x7 G=32 | looped | 1 | 2T + " in text
     assert "| resnet50 256x56x56 G=8 | looped | 1 | 2T + 0.000T | 1T | 2 | 3T + " in text
