@@ -348,15 +348,23 @@ def format_table(summary, arch) -> str:
 def write_tables(table_dir: Path, summary, rows, meta):
     table_dir.mkdir(parents=True, exist_ok=True)
     for arch in sorted({r["arch"] for r in rows}):
-        fp64 = [r for r in rows if r["arch"] == arch and r["dtype"] == "fp64" and r["local"] > 0]
+        arch_rows = [r for r in rows if r["arch"] == arch]
+        fp64 = [r for r in arch_rows if r["dtype"] == "fp64" and (r["local"] or r["stack"])]
+        spills = spill_violations(arch_rows)
         text = [f"# Triton kernels of fusednorm compiled for {ARCHES[arch]['name']}",
                 "",
                 f"Made by `python tools/gpu_compile.py` ({meta}), no GPU involved: Triton's compiler",
                 "and ptxas for the target, then `cuobjdump --dump-resource-usage` on each cubin.",
                 "One row per kernel and streamed dtype over all the specializations the public API",
                 "launches (activations, PN modes, proxy parameters, layouts, shapes; see the tool).",
-                "'local B' is local memory per thread: register spills. fp32/fp16/bf16 must be 0.",
-                f"fp64 specializations with spills: {len(fp64)}.",
+                "'stack B' is the stack frame ptxas gives spilled registers, 'local B' local",
+                "memory, both per thread; fp32/fp16/bf16 must have neither.",
+                f"fp64 specializations with spills: {len(fp64)} of "
+                f"{sum(r['dtype'] == 'fp64' for r in arch_rows)}.",
+                f"fp32/fp16/bf16 specializations with spills: {len(spills)} of "
+                f"{sum(r['dtype'] != 'fp64' for r in arch_rows)}"
+                + "".join(f"\n- {r['kernel']} {r['dtype']} {r['activation']}: {r['stack']} B stack, "
+                          f"{r['registers']} registers, {r['num_warps']} warps" for r in spills),
                 "",
                 format_table(summary, arch), ""]
         (table_dir / f"triton-resources-sm{arch}.md").write_text("\n".join(text))
