@@ -1024,7 +1024,9 @@ class _Launch:
             block_c, block_s, warps = group_tile
         else:
             block_c, block_s = _tile_shape(self.CPG, self.S, self.channels_last, self.traits)
-            warps = _num_warps(block_c, block_s)
+            # 4 warps (8 elements per thread of a 1024-element tile): at 8 or 16 warps ptxas
+            # held some specializations to 32-64 registers and spilled.
+            warps = 4 if self.traits.gpu else _num_warps(block_c, block_s)
         # Each program walks a looped group twice: every x-sized input is read a second time.
         return Step(kernel, (self.N * self.G,), args,
                     dict(RESIDENT=resident, BLOCK_C=block_c, BLOCK_S=block_s,

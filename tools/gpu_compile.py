@@ -282,12 +282,15 @@ def compile_arch(arch: int, full: bool):
     driver.set_active(fake)
     start = time.perf_counter()
     failures = []
+    first_case = {}  # id(compiled kernel) -> the case that first compiled it
     with plan_as_gpu(ARCHES[arch]["sm_count"], ARCHES[arch]["l2_bytes"]):
         for case in cases(full):
             try:
                 run_case(case)
             except Exception:  # noqa: BLE001 - every failure is reported, with its case
                 failures.append((case.describe(), traceback.format_exc(limit=3)))
+            for _, compiled in compiled_kernels(fake.get_current_device()):
+                first_case.setdefault(id(compiled), case.describe())
     names = {parse_activation(a)[0].id: parse_activation(a)[0].name for a in ACTIVATIONS}
     rows = []
     for name, compiled in compiled_kernels(fake.get_current_device()):
@@ -295,7 +298,8 @@ def compile_arch(arch: int, full: bool):
         dtype, act = _signature_summary(compiled)
         rows.append(dict(arch=arch, kernel=name.lstrip("_"), dtype=dtype,
                          activation=names.get(act, "-"), num_warps=compiled.metadata.num_warps,
-                         f32_params=_f32_params(compiled.asm["ptx"]), **usage))
+                         f32_params=_f32_params(compiled.asm["ptx"]),
+                         case=first_case.get(id(compiled), "?"), **usage))
     return rows, failures, len(fake.launches), time.perf_counter() - start
 
 
@@ -397,7 +401,8 @@ def main(argv=None):
     spills = spill_violations(rows)
     for row in spills:
         print(f"SPILL sm_{row['arch']} {row['kernel']} {row['dtype']} {row['activation']}: "
-              f"local {row['local']} B, stack {row['stack']} B, {row['registers']} registers")
+              f"local {row['local']} B, stack {row['stack']} B, {row['registers']} registers, "
+              f"{row['num_warps']} warps; first compiled by: {row['case']}")
     narrowed = fp64_scalar_violations(rows)
     for row in narrowed:
         print(f"FP32 SCALAR sm_{row['arch']} {row['kernel']} fp64: {row['f32_params']} "
