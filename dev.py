@@ -3,7 +3,8 @@
 
 Installs what is missing into the running Python (use a venv if you want isolation): torch 2.13.0
 only when no torch is importable (an installed torch, CPU or CUDA, is never replaced), the
-development requirements, then fusednorm itself in editable mode with its C++ extension.
+development requirements (``test``: also requirements-test.txt's, e.g. diffusers), then fusednorm
+itself in editable mode with its C++ extension.
 
 ``gpu`` (on a CUDA machine): builds the extension's CUDA kernels for the present GPU, then runs
 ``tools/gpu_validate.py`` (tests on CUDA, benchmarks, profiles, one report folder); extra
@@ -23,10 +24,10 @@ def pip(*args, env=None):
                            "--no-input", *args], cwd=ROOT, env=env)
 
 
-def install(env=None):
+def install(env=None, requirements="requirements-dev.txt"):
     if importlib.util.find_spec("torch") is None:
         pip("torch==2.13.0")
-    pip("-r", "requirements-dev.txt")
+    pip("-r", requirements)
     pip("--no-build-isolation", "-e", ".", env=env)
 
 
@@ -54,7 +55,8 @@ def main():
         sys.exit("usage: python3 dev.py {demo|test|install|gpu [--out DIR]}")
     if sys.argv[1] == "gpu":
         gpu(sys.argv[2:])
-    install()
+    # The GPU machine has no package index: only `test` asks for the models its tests convert.
+    install(requirements="requirements-test.txt" if sys.argv[1] == "test" else "requirements-dev.txt")
     if sys.argv[1] == "demo":
         sys.exit(subprocess.call([sys.executable, "examples/demo.py"], cwd=ROOT))
     if sys.argv[1] == "test":

@@ -1,5 +1,7 @@
-"""fusednorm.convert: BatchNorm (+ activation) -> GroupNormProxyAct / GroupNormAct / GroupNorm."""
+"""fusednorm.convert: BatchNorm (+ activation) -> GroupNormProxyAct / GroupNormAct / GroupNorm,
+GroupNorm + activation -> GroupNormAct, module rules (timm-style norm-act modules)."""
 import copy
+import importlib
 
 import pytest
 import torch
@@ -221,12 +223,17 @@ def test_converted_equals_hand_built_and_eval_equals_train():
 def test_report_str_and_single_bn():
     converted, report = convert(nn.BatchNorm1d(6), num_groups=4)
     assert isinstance(converted, nn.GroupNorm) and converted.num_groups == 3
-    assert "replaced 1 BatchNorm" in str(report)
+    assert "replaced 1 norm layer(s)" in str(report)
+    same, report = convert(nn.GroupNorm(2, 6))
+    assert type(same) is nn.GroupNorm and report.replaced == []
+    assert [(e.name, e.reason) for e in report.left] == [("", "the model is a single GroupNorm")]
 
 
 def test_nothing_to_convert():
     with pytest.raises(ValueError, match="nothing to convert"):
         convert(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()))
+    with pytest.raises(ValueError, match="nothing to convert.*BatchNorm1d/2d/3d, SyncBatchNorm$"):
+        convert(nn.Sequential(nn.GroupNorm(1, 3), nn.ReLU()), fuse_group_norm=False)
     with pytest.raises(ValueError, match="num_groups"):
         convert(sequential(), num_groups=0)
 
@@ -247,3 +254,234 @@ def test_fusednorm_modules_are_fx_leaves_and_shared_bn_is_not_fused():
     assert isinstance(converted, fx.GraphModule)  # traced, not walked
     assert [(r.name, r.absorbed) for r in report.replaced] == [("bn", "relu"), ("shared", None)]
     assert [(e.name, e.reason) for e in report.left] == [("shared", "BN module called 2 times")]
+
+
+# GroupNorm + activation -> GroupNormAct: the same function, fused.
+
+class GroupNormNet(nn.Module):
+    """A GN model: GN+SiLU modules, GN+F.gelu, a GN followed by a conv, and a GN without affine."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1, self.act = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12), nn.SiLU()
+        self.conv2, self.norm2 = nn.Conv2d(12, 12, 1), nn.GroupNorm(4, 12, eps=1e-6)
+        self.norm3 = nn.GroupNorm(2, 12, affine=False)
+        self.conv3, self.norm4 = nn.Conv2d(12, 6, 1), nn.GroupNorm(6, 6)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for norm in (self.norm1, self.norm2, self.norm4):
+                norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
+                norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=gen))
+
+    def forward(self, x):
+        x = self.act(self.norm1(self.conv1(x)))
+        x = F.gelu(self.norm2(self.conv2(x)))
+        x = torch.relu(self.norm3(x))
+        return self.norm4(self.conv3(x))  # followed by the output: stays a GroupNorm
+
+
+def test_group_norm_followed_by_activation_becomes_group_norm_act():
+    model = GroupNormNet()
+    converted, report = convert(model, num_groups=8)
+    assert isinstance(converted, fx.GraphModule)  # F.gelu/torch.relu absorbed: graph rewritten
+    fused = {r.name: (type(converted.get_submodule(r.name)).__name__, r.groups, r.absorbed)
+             for r in report.replaced}
+    assert fused == {"norm1": ("GroupNormAct", 3, "act"), "norm2": ("GroupNormAct", 4, "gelu"),
+                     "norm3": ("GroupNormAct", 2, "relu")}
+    assert converted.norm2.eps == 1e-6 and converted.norm3.weight is None
+    assert [(e.name, e.reason) for e in report.left] == [
+        ("norm4", "GroupNorm followed by the model output")]
+    assert type(converted.norm4) is nn.GroupNorm
+    assert type(model.norm1) is nn.GroupNorm and type(model.act) is nn.SiLU  # input untouched
+
+    x = torch.randn(2, 3, 7, 7, requires_grad=True)
+    for mode in ("train", "eval"):
+        getattr(model, mode)(), getattr(converted, mode)()
+        assert_close(converted(x), model(x))
+    assert_same_gradients(model.double(), converted.double(), x.detach().double())
+
+
+def assert_same_gradients(model, converted, *inputs, output=lambda out: out):
+    """Gradients of every input and parameter (matched by name: convert keeps the state dict
+    keys) equal, in float64 so that only a wrong formula can make them differ."""
+    inputs = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    wrt = [(f"input {i}", t) for i, t in enumerate(inputs) if t.requires_grad]
+    names = [n for n, _ in wrt] + [n for n, _ in model.named_parameters()]
+    converted_parameters = dict(converted.named_parameters())
+    grads = torch.autograd.grad(output(model(*inputs)).square().sum(),
+                                [t for _, t in wrt] + list(model.parameters()))
+    fused = torch.autograd.grad(output(converted(*inputs)).square().sum(),
+                                [t for _, t in wrt] + [converted_parameters[n] for n in names[len(wrt):]])
+    for name, expected, actual in zip(names, grads, fused):
+        assert_close(actual, expected, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_group_norm_options():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.GroupNorm(2, 8), nn.SiLU())
+    converted, report = convert(model, fuse_group_norm=False)
+    assert type(converted[1]) is GroupNormProxyAct and type(converted[3]) is nn.GroupNorm
+    assert [r.name for r in report.replaced] == ["1"] and report.left == []
+    converted, report = convert(model, group_norm_proxy=True)
+    assert type(converted[3]) is GroupNormProxyAct and converted[3].num_groups == 2
+    assert_close(converted[3].weight, model[3].weight)
+    converted, report = convert(model, proxy=False, activation="gelu")
+    assert [type(m) for m in converted] == [nn.Conv2d, GroupNormAct, nn.Identity, GroupNormAct,
+                                            nn.Identity]
+    assert converted[3].activation == "gelu"
+
+
+# Module rules.
+
+class SharedActivationBlock(nn.Module):
+    """fx cannot trace it (data-dependent branch); its one SiLU also acts on an embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.act = nn.GroupNorm(2, 8), nn.SiLU()
+        self.proj = nn.Linear(4, 8)
+
+    def forward(self, x, emb):
+        h = self.act(self.norm(x))
+        if emb.sum() > 0:
+            h = h + self.proj(self.act(emb))[:, :, None, None]
+        return h
+
+
+class FusedSharedActivationBlock(SharedActivationBlock):
+    def forward(self, x, emb):
+        h = self.norm(x)
+        if emb.sum() > 0:
+            h = h + self.proj(self.act(emb))[:, :, None, None]
+        return h
+
+
+def shared_activation_rule(block, context):
+    block.norm = context.fuse(block.norm, "norm", block.act, absorbed="act")
+    block.__class__ = FusedSharedActivationBlock
+    return block
+
+
+@pytest.fixture
+def rules():
+    """fusednorm's rule registry, restored after the test."""
+    module = importlib.import_module("fusednorm.convert")  # fusednorm.convert is the function
+    saved = dict(module._RULES)
+    yield fusednorm.convert.register_rule
+    module._RULES.clear()
+    module._RULES.update(saved)
+
+
+@pytest.mark.parametrize("key", ["class", "qualified name"])
+def test_registered_rule_converts_an_untraceable_block(rules, key):
+    wrapper = nn.Sequential(SharedActivationBlock())  # a Sequential cannot pass emb: walk it
+    model = nn.ModuleDict({"block": wrapper[0], "bn": nn.BatchNorm2d(8)})
+    before, _ = convert(model)
+    assert type(before["block"].norm) is nn.GroupNorm
+    [entry] = [e for e in _.left if e.name == "block.norm"]
+    assert "no rule (fusednorm.convert.register_rule)" in entry.reason
+
+    cls = SharedActivationBlock
+    rules(cls if key == "class" else f"{cls.__module__}.{cls.__qualname__}", shared_activation_rule)
+    converted, report = convert(model)
+    block = converted["block"]
+    assert type(block) is FusedSharedActivationBlock and isinstance(block.norm, GroupNormAct)
+    assert ("block.norm", "block.act") in [(r.name, r.absorbed) for r in report.replaced]
+    assert "block.norm" not in [e.name for e in report.left]
+    x, emb = torch.randn(2, 8, 3, 3), torch.rand(2, 4)
+    assert_close(block(x, emb), model["block"](x, emb))
+    assert_close(block(x, -emb), model["block"](x, -emb))
+    assert type(model["block"]) is SharedActivationBlock  # input untouched
+
+
+def test_register_rule_errors_and_unhandled_norms(rules):
+    with pytest.raises(TypeError, match="module_class must be a class"):
+        rules(3, shared_activation_rule)
+    with pytest.raises(TypeError, match="rule must be callable"):
+        rules(SharedActivationBlock, "not a function")
+    rules(SharedActivationBlock, lambda block, context: block)  # fuses nothing
+    converted, report = convert(SharedActivationBlock())
+    assert type(converted.norm) is nn.GroupNorm
+    assert [(e.name, e.reason) for e in report.left] == [
+        ("norm", "the rule for SharedActivationBlock did not fuse it")]
+
+
+# timm's norm-act modules (timm.layers.norm_act, timm 1.0). timm cannot be installed here (it needs
+# torchvision, which needs a newer torch), so these stand-ins copy its structure: subclasses of
+# the torch norm with ``drop`` and ``act`` submodules, under timm's qualified names.
+
+class TimmBatchNormAct2d(nn.BatchNorm2d):
+    def __init__(self, num_features, act_layer=nn.ReLU, drop_layer=None):
+        super().__init__(num_features)
+        self.drop = drop_layer() if drop_layer is not None else nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class TimmGroupNormAct(nn.GroupNorm):
+    def __init__(self, num_channels, num_groups=32, act_layer=nn.ReLU):
+        super().__init__(num_groups, num_channels)
+        self.drop, self.act = nn.Identity(), act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)))
+
+
+for _cls, _name in ((TimmBatchNormAct2d, "BatchNormAct2d"), (TimmGroupNormAct, "GroupNormAct")):
+    _cls.__module__, _cls.__qualname__ = "timm.layers.norm_act", _name
+
+
+class TimmNet(nn.Module):
+    def __init__(self, act_layer=nn.SiLU, drop_layer=None):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = TimmBatchNormAct2d(8, act_layer, drop_layer)
+        self.gn = TimmGroupNormAct(8, num_groups=4, act_layer=act_layer)
+        self.bn2 = TimmBatchNormAct2d(8, act_layer=None)
+
+    def forward(self, x):
+        return self.bn2(self.gn(self.bn1(self.conv(x))))
+
+
+def test_timm_norm_act_modules_keep_their_activation():
+    model = randomize_bn(TimmNet())
+    assert isinstance(model.bn1, nn.BatchNorm2d)  # seen as a plain BN, its SiLU would be lost
+    converted, report = convert(model, num_groups=2)
+    assert type(converted) is TimmNet  # leaves for fx, converted by their rule
+    assert isinstance(converted.bn1, GroupNormProxyAct) and converted.bn1.activation == "silu"
+    assert isinstance(converted.gn, GroupNormAct) and converted.gn.num_groups == 4
+    assert type(converted.bn2) is nn.GroupNorm
+    assert [(r.name, r.absorbed) for r in report.replaced] == [
+        ("bn1", "bn1.act"), ("gn", "gn.act"), ("bn2", None)]
+    assert [(e.name, e.reason) for e in report.left] == [("bn2", "no activation (apply_act=False)")]
+    x = torch.randn(2, 3, 5, 5)
+    bn1, gn, bn2 = model.bn1, model.gn, model.bn2
+    h = fusednorm.group_norm_proxy_act(model.conv(x), 2, bn1.weight, bn1.bias, activation="silu")
+    h = F.silu(F.group_norm(h, 4, gn.weight, gn.bias))
+    assert_close(converted(x), F.group_norm(h, 2, bn2.weight, bn2.bias))
+
+
+def test_timm_norm_act_with_drop_layer_or_unknown_activation():
+    converted, report = convert(TimmNet(act_layer=nn.Hardswish), proxy=False)
+    assert [type(m) for m in converted.bn1] == [nn.GroupNorm, nn.Identity, nn.Hardswish]
+    assert type(converted.gn) is TimmGroupNormAct
+    assert {e.name: e.reason for e in report.left}["gn"] == (
+        "activation Hardswish is not one fusednorm has")
+    converted, report = convert(TimmNet(drop_layer=lambda: nn.Dropout(0.5)))
+    assert [type(m) for m in converted.bn1] == [nn.GroupNorm, nn.Dropout, nn.SiLU]
+    assert {e.name: e.reason for e in report.left}["bn1"] == (
+        "Dropout between the norm and the activation")
+
+
+def test_norm_subclass_with_its_own_forward_and_no_rule_is_reported():
+    class ScaledGroupNorm(nn.GroupNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(ScaledGroupNorm(2, 4), nn.ReLU(), nn.GroupNorm(2, 4), nn.ReLU())
+    converted, report = convert(model)
+    assert type(converted[0]) is ScaledGroupNorm and type(converted[2]) is GroupNormAct
+    assert [e.name for e in report.left] == ["0"]
+    assert "forward of its own and has no rule" in report.left[0].reason

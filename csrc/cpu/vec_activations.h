@@ -17,7 +17,7 @@ inline Vec act_value_vec(const Vec& z, const Vec& slope) {
   if constexpr (ACT == kRelu) {
     return at::vec::maximum(z, zero);  // IEEE maximum: NaN stays NaN
   } else if constexpr (ACT == kSilu) {
-    return z * (one / (one + z.neg().exp()));
+    return z / (one + z.neg().exp());  // as ATen's silu: one division, no reciprocal
   } else if constexpr (ACT == kGelu) {
     return Vec(T(0.5)) * z * (one + (z * Vec(T(kInvSqrt2))).erf());
   } else if constexpr (ACT == kGeluTanh) {
