@@ -54,10 +54,49 @@ def random_inputs(batch: int = 32, in_channels: int = 3, size: int = 16, seed: i
     return x * contrast + torch.randn(batch, in_channels, 1, 1, generator=gen)
 
 
+def natural_inputs(batch: int = 32, size: int = 16, crop: int = 64, seed: int = 0):
+    """``batch`` natural images (batch, 3, size, size): random ``crop`` x ``crop`` crops of the two
+    photos scikit-learn ships (``load_sample_images``: a temple in China, a flower), averaged down
+    to ``size``, standardized per RGB channel over both photos (as datasets are). A finite set of
+    natural images, as in the paper's experiment; needs scikit-learn."""
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as error:
+        raise ImportError("natural_inputs needs scikit-learn (pip install scikit-learn); "
+                          "random_inputs needs nothing") from error
+    photos = [torch.tensor(image).permute(2, 0, 1).double() / 255
+              for image in load_sample_images().images]
+    pixels = torch.cat([p.reshape(3, -1) for p in photos], dim=1)
+    mean, std = pixels.mean(1).view(3, 1, 1), pixels.std(1).view(3, 1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    crops = []
+    for i in range(batch):
+        photo = photos[i % len(photos)]
+        top = int(torch.randint(0, photo.shape[1] - crop + 1, (1,), generator=gen))
+        left = int(torch.randint(0, photo.shape[2] - crop + 1, (1,), generator=gen))
+        crops.append((photo[:, top:top + crop, left:left + crop] - mean) / std)
+    x = torch.stack(crops)
+    return F.adaptive_avg_pool2d(x, size).float() if size != crop else x.float()
+
+
 def power_profile(norm: str, inputs: torch.Tensor, **net_kwargs) -> torch.Tensor:
     """(depth, 4): the normalized power terms of each normalization layer's output, in depth order,
     for :func:`random_net` (batch statistics for BN) applied to ``inputs``."""
     net = random_net(norm, in_channels=inputs.shape[1], **net_kwargs).train()
+    with torch.no_grad(), record_power(net) as records:
+        net(inputs)
+    return torch.stack([decomposition.terms for _, decomposition in records])
+
+
+def resnet_power_profile(norm: str, inputs: torch.Tensor, depth: int = 50, seed: int = 0,
+                         **net_kwargs) -> torch.Tensor:
+    """(layers, 4): the normalized power terms of every normalization layer of the project's
+    pre-activation ResNet (:func:`fusednorm.models.resnet_v2`) at initialization (PyTorch's
+    default initialization, gamma = 1, beta = 0), in call order, for ``inputs`` (batch
+    statistics for BN): the paper's Fig. 6 for ``depth=50``."""
+    from ..models import resnet_v2
+    torch.manual_seed(seed)
+    net = resnet_v2(depth, norm=norm, **net_kwargs).train()
     with torch.no_grad(), record_power(net) as records:
         net(inputs)
     return torch.stack([decomposition.terms for _, decomposition in records])
