@@ -168,7 +168,7 @@ def convert(model: nn.Module, num_groups: int = 8, proxy: bool = True, activatio
     if activation is not None:
         parse_activation(activation)
     converter = _Converter(num_groups, proxy, activation, fuse_group_norm, group_norm_proxy)
-    if not any(converter.wanted(m) or _rule_for(m) for m in model.modules()):
+    if not converter.holds_work(model):
         kinds = "BatchNorm1d/2d/3d, SyncBatchNorm" + (" or GroupNorm" if fuse_group_norm else "")
         raise ValueError(f"nothing to convert: {type(model).__name__} has no {kinds}")
     model = copy.deepcopy(model)
@@ -328,7 +328,7 @@ class _Converter:
             if kind == "group":
                 return norm
         if kind == "batch":
-            channels, groups, proxy = norm.num_features, None, self.proxy
+            channels, proxy = norm.num_features, self.proxy
             groups = group_count(channels, self.num_groups)
         else:
             channels, groups, proxy = norm.num_channels, norm.num_groups, self.group_norm_proxy
