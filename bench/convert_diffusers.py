@@ -18,13 +18,11 @@ Writes a table to stdout and diffusers-<device>[-quick]-<date>.csv/.json under b
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import datetime
 import json
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
-import group_norm_proxy_act as kernel_bench  # noqa: E402  (shared timing and machine facts)
+from harness import cases, report, timing  # noqa: E402  (shared timing and machine facts)
 
 import fusednorm  # noqa: E402
 
@@ -154,18 +152,18 @@ def parse_args(argv=None):
                         help="small models, 3 repeats (a smoke run, not a measurement)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu (default: auto)")
-    parser.add_argument("--models", type=kernel_bench.comma_list(MODELS),
+    parser.add_argument("--models", type=report.comma_list(MODELS),
                         help=f"comma list of {', '.join(MODELS)} (default: all)")
-    parser.add_argument("--modes", type=kernel_bench.comma_list(MODES),
+    parser.add_argument("--modes", type=report.comma_list(MODES),
                         help="comma list of infer, train (default: both)")
-    parser.add_argument("--dtypes", type=kernel_bench.comma_list(DTYPES),
+    parser.add_argument("--dtypes", type=report.comma_list(DTYPES),
                         help="comma list of fp32, bf16 (default: fp32 on cpu, both on cuda)")
     parser.add_argument("--batch", type=int, help="images per call (default: 4 cpu, 16 cuda)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
     parser.add_argument("--repeats", type=int,
                         help="timed calls of each model (default: 3 with --quick, else 15)")
-    parser.add_argument("--output-dir", type=Path, default=kernel_bench.RESULTS_DIR,
-                        help=f"where the CSV/JSON go (default: {kernel_bench.RESULTS_DIR})")
+    parser.add_argument("--output-dir", type=Path, default=cases.RESULTS_DIR,
+                        help=f"where the CSV/JSON go (default: {cases.RESULTS_DIR})")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,10 +181,10 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
     if device.type == "cpu":
-        kernel_bench.keep_freed_cpu_memory()
-    timer = kernel_bench.Timer(device)
+        timing.keep_freed_cpu_memory()
+    timer = timing.Timer(device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        kernel_bench.cpu_model()
+        report.cpu_model()
     print(f"device: {device} ({device_name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fusednorm backend for GroupNormAct: "
           f"{fusednorm.select_backend(None, torch.empty(1, device=device))}")
@@ -200,7 +198,7 @@ def main(argv=None):
     print(table(results))
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    stem = (f"diffusers-{kernel_bench.device_slug(device)}{'-quick' if args.quick else ''}-"
+    stem = (f"diffusers-{report.device_slug(device)}{'-quick' if args.quick else ''}-"
             f"{datetime.datetime.now().strftime('%Y%m%d-%H%M')}")
     with (args.output_dir / f"{stem}.csv").open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=list(asdict(results[0])))
@@ -209,7 +207,7 @@ def main(argv=None):
     meta = {"device": str(device), "device_name": device_name,
             "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
             "diffusers_version": __import__("diffusers").__version__,
-            "git": kernel_bench.git_commit(), "load_average_at_start": os.getloadavg(),
+            "git": report.git_commit(), "load_average_at_start": os.getloadavg(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
             "timing": "interleaved repeats, median and min after warm-up; " +

@@ -1,4 +1,6 @@
 """pytest-benchmark suite of the CPU providers: small shapes, a few short rounds, for CI (< 30 s).
+Each case also checks that what was timed computes its op: the provider's output and gradients
+against the eager reference of that op (GN+PN or GN+act; batch norm + act for BatchNorm).
 
     pytest bench/test_bench_group_norm_proxy_act.py                       # times each case
     pytest bench/test_bench_group_norm_proxy_act.py --benchmark-disable   # runs each once
@@ -11,32 +13,63 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+from fusednorm import reference
+from fusednorm.activations import native_activation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
-import group_norm_proxy_act as bench  # noqa: E402
+from harness import cases, providers, timing  # noqa: E402
 
 CPU = torch.device("cpu")
 PROVIDERS = ["fusednorm-cpu", "reference", "native-gn", "batchnorm"]
 CASES = [
-    bench.Case("resnet", (2, 64, 16, 16), 8, "relu", True),
-    bench.Case("diffusion", (1, 64, 16, 16), 32, "silu", False),
+    cases.Case("resnet", (2, 64, 16, 16), 8, "relu", True),
+    cases.Case("diffusion", (1, 64, 16, 16), 32, "silu", False),
 ]
 
 # Each case: 3 rounds at least, and no more than 0.05 s of rounds once there are 3.
 pytestmark = pytest.mark.benchmark(min_rounds=3, max_time=0.05, warmup=True, warmup_iterations=2)
 
 
-@pytest.mark.parametrize("mode", bench.MODES)
-@pytest.mark.parametrize("layout", bench.LAYOUTS)
+@pytest.mark.parametrize("mode", cases.MODES)
+@pytest.mark.parametrize("layout", cases.LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=lambda case: f"{case.shape_text}-{case.op_text}")
 @pytest.mark.parametrize("provider_name", PROVIDERS)
 def test_group_norm_proxy_act(benchmark, provider_name, case, layout, mode):
-    provider = bench.PROVIDERS[provider_name]
+    provider = providers.PROVIDERS[provider_name]
     reason = provider.unavailable(CPU)
     if reason is not None:
         pytest.skip(f"{provider_name}: {reason}")
-    inputs = bench.make_inputs(case, torch.float32, layout, CPU)
+    inputs = cases.make_inputs(case, torch.float32, layout, CPU)
     forward, params = provider.build(case, inputs)
     grad_y = torch.randn_like(inputs.x)
     benchmark.group = f"{case.shape_text} {case.op_text} {layout} {mode}"
-    benchmark(bench.timed_call(mode, forward, inputs.x, params, grad_y))
+    benchmark(timing.timed_call(mode, forward, inputs.x, params, grad_y))
+    assert benchmark.stats.stats.rounds >= 3 and benchmark.stats.stats.median > 0
+    forward_matches_its_op(provider_name, case, forward, inputs, params, grad_y)
+
+
+def forward_matches_its_op(provider_name, case, forward, inputs, params, grad_y):
+    """The timed forward (and its backward) against the eager op it stands for."""
+    x = inputs.x
+    if provider_name == "batchnorm":
+        def expected_fn(x):
+            return native_activation(case.activation)(F.batch_norm(x, None, None, training=True))
+        expected_params = []
+    elif provider_name == "native-gn" or not case.proxy:
+        def expected_fn(x):
+            return reference.group_norm_act(x, case.groups, *inputs.gn_params[:2],
+                                            activation=case.activation)
+        expected_params = inputs.gn_params[:2]
+    else:
+        def expected_fn(x):
+            return reference.group_norm_proxy_act(x, case.groups, *inputs.gn_params,
+                                                  activation=case.activation)
+        expected_params = inputs.gn_params
+    y, expected = forward(x), expected_fn(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(y, [x, *params], grad_y)
+    expected_grads = torch.autograd.grad(expected, [x, *expected_params], grad_y)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)

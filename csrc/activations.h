@@ -1,7 +1,7 @@
 // Activation ids and formulas shared by the CPU and CUDA kernels.
 //
-// The ids are the contract of fusednorm/activations.py (and kernels/activations.py):
-// 0 identity, 1 relu, 2 silu, 3 gelu (erf), 4 gelu_tanh, 5 leaky_relu (slope used only by 5).
+// The ids are those of the table in fusednorm/activations.py; tests/test_activations.py checks
+// them through fusednorm._C.activation_ids. The slope is used by leaky_relu only.
 // The scalar forms below run on the host and on the device; the CPU kernels' vector forms live
 // in cpu/vec_activations.h and follow the same formulas.
 #pragma once
@@ -101,14 +101,14 @@ C10_HOST_DEVICE inline T act_grad(T z, T slope) {
 #define FUSEDNORM_DISPATCH_ACTIVATION(ID, ...)                                   \
   [&] {                                                                          \
     switch (ID) {                                                                \
-      FUSEDNORM_ACT_CASE(0, __VA_ARGS__)                                         \
-      FUSEDNORM_ACT_CASE(1, __VA_ARGS__)                                         \
-      FUSEDNORM_ACT_CASE(2, __VA_ARGS__)                                         \
-      FUSEDNORM_ACT_CASE(3, __VA_ARGS__)                                         \
-      FUSEDNORM_ACT_CASE(4, __VA_ARGS__)                                         \
-      FUSEDNORM_ACT_CASE(5, __VA_ARGS__)                                         \
+      FUSEDNORM_ACT_CASE(fusednorm::kIdentity, __VA_ARGS__)                      \
+      FUSEDNORM_ACT_CASE(fusednorm::kRelu, __VA_ARGS__)                          \
+      FUSEDNORM_ACT_CASE(fusednorm::kSilu, __VA_ARGS__)                          \
+      FUSEDNORM_ACT_CASE(fusednorm::kGelu, __VA_ARGS__)                          \
+      FUSEDNORM_ACT_CASE(fusednorm::kGeluTanh, __VA_ARGS__)                      \
+      FUSEDNORM_ACT_CASE(fusednorm::kLeakyRelu, __VA_ARGS__)                     \
       default:                                                                   \
         TORCH_CHECK(false, "fusednorm: unknown activation id ", ID,              \
-                    " (expected 0-5, see fusednorm/activations.py)");            \
+                    " (see fusednorm/activations.py)");                          \
     }                                                                            \
   }()

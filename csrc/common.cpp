@@ -2,6 +2,8 @@
 
 #include "activations.h"
 
+#include <cmath>
+
 namespace fusednorm {
 
 namespace {
@@ -47,7 +49,7 @@ Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& w
   TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "fusednorm::", op,
               ": C=", x.size(1), " is not divisible by num_groups=", num_groups);
   TORCH_CHECK(activation >= 0 && activation < kNumActivations, "fusednorm::", op,
-              ": unknown activation id ", activation, " (expected 0-5)");
+              ": unknown activation id ", activation, " (expected 0-", kNumActivations - 1, ")");
   TORCH_CHECK(!proxy || num_proxy_samples >= 2, "fusednorm::", op,
               ": num_proxy_samples must be >= 2, got ", num_proxy_samples);
   check_param(op, "weight", weight, x);
@@ -84,6 +86,73 @@ at::Tensor param_as(const std::optional<at::Tensor>& param, int64_t channels,
                     const at::TensorOptions& options) {
   if (!param) return at::zeros({channels}, options);
   return param->to(options.dtype()).contiguous();
+}
+
+namespace {
+Params params_as(const at::Tensor& weight, const at::Tensor& bias,
+                 const std::optional<at::Tensor>& proxy_bias,
+                 const std::optional<at::Tensor>& proxy_weight, int64_t channels,
+                 const at::TensorOptions& options) {
+  return {param_as(weight, channels, options), param_as(bias, channels, options),
+          param_as(proxy_bias, channels, options), param_as(proxy_weight, channels, options)};
+}
+}  // namespace
+
+ForwardCall prepare_forward(const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
+                            const std::optional<at::Tensor>& proxy_weight, int64_t num_groups,
+                            int64_t activation, double eps, int64_t num_proxy_samples,
+                            bool proxy) {
+  ForwardCall call;
+  call.x = dense_layout(input);
+  call.p = check_arguments("forward", call.x, weight, bias, proxy_bias, proxy_weight, num_groups,
+                           activation, num_proxy_samples, proxy);
+  call.acc_options = call.x.options().dtype(accumulation_type(call.x.scalar_type()));
+  call.y = at::empty_like(call.x);
+  call.mean = at::empty({call.p.N, call.p.G}, call.acc_options);
+  call.rstd = at::empty({call.p.N, call.p.G}, call.acc_options);
+  call.empty = call.x.numel() == 0;
+  if (call.empty) {
+    call.mean.zero_();
+    call.rstd.fill_(1.0 / std::sqrt(eps));
+    return call;
+  }
+  call.params = params_as(weight, bias, proxy_bias, proxy_weight, call.p.C, call.acc_options);
+  return call;
+}
+
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const std::optional<at::Tensor>& proxy_bias,
+                              const std::optional<at::Tensor>& proxy_weight,
+                              const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                              int64_t activation, int64_t num_proxy_samples, bool proxy) {
+  BackwardCall call;
+  call.x = dense_layout(input);
+  call.p = check_arguments("backward", call.x, weight, bias, proxy_bias, proxy_weight,
+                           num_groups, activation, num_proxy_samples, proxy);
+  TORCH_CHECK(grad_out.sizes() == call.x.sizes(), "fusednorm::backward: grad_out has shape ",
+              grad_out.sizes(), " but x has shape ", call.x.sizes());
+  TORCH_CHECK(grad_out.device() == call.x.device(), "fusednorm::backward: grad_out is on ",
+              grad_out.device(), " but x is on ", call.x.device());
+  call.grad = match_layout(grad_out.to(call.x.scalar_type()), call.x);
+  std::tie(call.mean, call.rstd) = check_statistics(call.x, mean, rstd, num_groups);
+  call.acc_options = call.x.options().dtype(accumulation_type(call.x.scalar_type()));
+  call.params = params_as(weight, bias, proxy_bias, proxy_weight, call.p.C, call.acc_options);
+  call.dx = at::empty_like(call.x);
+  return call;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(
+    const at::Tensor& dx, const at::Tensor& grads, const at::Tensor& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
+    const std::optional<at::Tensor>& proxy_weight) {
+  // Op outputs may not alias each other: each row is copied out.
+  auto row = [&](int64_t i, const std::optional<at::Tensor>& param) {
+    const auto dtype = (param ? *param : weight).scalar_type();
+    return grads.select(0, i).to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  };
+  return {dx, row(0, weight), row(1, bias), row(2, proxy_bias), row(3, proxy_weight)};
 }
 
 }  // namespace fusednorm

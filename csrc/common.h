@@ -1,9 +1,12 @@
-// Argument checks and layout handling shared by the CPU and CUDA op implementations.
+// What the CPU and CUDA op implementations share: argument checks, layouts, allocation of the
+// outputs, the empty-input case, the proxy samples and the split of the parameter gradients.
+// Each backend adds only its kernels (cpu/fusednorm_cpu.cpp, cuda/fusednorm_cuda.cu).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
 
 namespace fusednorm {
 
@@ -38,5 +41,53 @@ std::pair<at::Tensor, at::Tensor> check_statistics(const at::Tensor& x, const at
 // `param` (or zeros when absent) as a contiguous (C,) tensor of the accumulation dtype.
 at::Tensor param_as(const std::optional<at::Tensor>& param, int64_t channels,
                     const at::TensorOptions& options);
+
+// u_k = sqrt(2) erfinv(2 (k + 0.5) / K - 1), k = 0..K-1 (docs/pn-math.md, step 4), computed in
+// fp64 once per (K, dtype, device) and cached; read-only.
+const at::Tensor& proxy_samples(int64_t num_samples, const at::TensorOptions& options);
+
+// gamma, beta, beta~, gamma~ as contiguous (C,) tensors of the accumulation dtype.
+struct Params {
+  at::Tensor weight, bias, proxy_bias, proxy_weight;
+};
+
+// A checked forward call: the dense input, its problem, the parameters in the accumulation
+// dtype and the allocated outputs. When x has no elements, `empty` is set and the outputs are
+// already final (mean 0, rstd 1/sqrt(eps): groups without elements have variance 0).
+struct ForwardCall {
+  at::Tensor x;
+  Problem p;
+  at::TensorOptions acc_options;
+  Params params;
+  at::Tensor y, mean, rstd;
+  bool empty;
+};
+ForwardCall prepare_forward(const at::Tensor& input, const at::Tensor& weight,
+                            const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
+                            const std::optional<at::Tensor>& proxy_weight, int64_t num_groups,
+                            int64_t activation, double eps, int64_t num_proxy_samples, bool proxy);
+
+// A checked backward call: dense x, grad_out in x's layout and dtype, checked mean/rstd, the
+// parameters in the accumulation dtype and the allocated dx.
+struct BackwardCall {
+  at::Tensor x, grad, mean, rstd;
+  Problem p;
+  at::TensorOptions acc_options;
+  Params params;
+  at::Tensor dx;
+};
+BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& input,
+                              const at::Tensor& weight, const at::Tensor& bias,
+                              const std::optional<at::Tensor>& proxy_bias,
+                              const std::optional<at::Tensor>& proxy_weight,
+                              const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                              int64_t activation, int64_t num_proxy_samples, bool proxy);
+
+// The outputs of backward: dx and the rows of `grads` ((4, C): dgamma, dbeta, dbeta~, dgamma~
+// in the accumulation dtype), each a tensor of its own in its parameter's dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(
+    const at::Tensor& dx, const at::Tensor& grads, const at::Tensor& weight,
+    const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
+    const std::optional<at::Tensor>& proxy_weight);
 
 }  // namespace fusednorm

@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "activations.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(fusednorm, m) {
@@ -25,9 +26,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusednorm C++/CUDA kernels; the ops are torch.ops.fusednorm.forward/backward";
   m.def("cpu_capability", &fusednorm::cpu::kernel_capability,
         "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512");
-#ifdef FUSEDNORM_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
+  // The ids compiled into the kernels; tests/test_activations.py checks them against the table
+  // of fusednorm/activations.py.
+  pybind11::dict ids;
+  ids["identity"] = static_cast<int64_t>(fusednorm::kIdentity);
+  ids["relu"] = static_cast<int64_t>(fusednorm::kRelu);
+  ids["silu"] = static_cast<int64_t>(fusednorm::kSilu);
+  ids["gelu"] = static_cast<int64_t>(fusednorm::kGelu);
+  ids["gelu_tanh"] = static_cast<int64_t>(fusednorm::kGeluTanh);
+  ids["leaky_relu"] = static_cast<int64_t>(fusednorm::kLeakyRelu);
+  m.attr("activation_ids") = ids;
 }

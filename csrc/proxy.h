@@ -1,18 +1,15 @@
-// Proxy Normalization's per-channel math (pn-math.md, steps 4-5 and the proxy gradients),
+// Proxy Normalization's per-channel math (docs/pn-math.md, steps 4-5 and the proxy gradients),
 // shared by the CPU and CUDA backends: one call handles one channel, on the host or the device.
+// The samples u come from proxy_samples (common.h).
 #pragma once
 
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "activations.h"
 
 namespace fusednorm {
-
-// u_k = sqrt(2) * erfinv(2 (k + 0.5) / K - 1), k = 0..K-1, in double; computed once per K.
-const std::vector<double>& proxy_samples(int64_t num_samples);
 
 // Proxy mean m_c and population variance v_c of P_ck = act(w X_ck + b),
 // X_ck = pb + (1 + pw) u_k. Two passes over the samples, like the Triton kernel.

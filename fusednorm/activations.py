@@ -1,9 +1,11 @@
 """The one activation table shared by every backend.
 
 Each activation has a stable integer id (passed to the Triton kernels and the C++/CUDA
-extension as ``activation``) and an eager value/derivative pair used by the reference and by
-the small per-channel proxy computations. Kernels implement the same formulas; the ids here
-are the contract (``csrc/activations.h`` and ``kernels/activations.py`` mirror them).
+extension as ``activation``), an eager value/derivative pair used by the reference and by the
+small per-channel proxy computations, and its native torch forms (the nn.Module and the function
+that models, model conversion and benchmarks use). Kernels implement the same formulas; the ids
+here are the contract: ``kernels/activations.py`` imports them, ``csrc/activations.h`` repeats
+them and ``tests/test_activations.py`` checks that both agree with this table.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 IDENTITY, RELU, SILU, GELU, GELU_TANH, LEAKY_RELU = range(6)
 
@@ -80,17 +84,26 @@ def _leaky_relu_grad(z, slope):
 class Activation:
     name: str
     id: int
-    value: Callable[[torch.Tensor, float], torch.Tensor]
-    derivative: Callable[[torch.Tensor, float], torch.Tensor]
+    value: Callable[[torch.Tensor, float], torch.Tensor]       # eager formula, (z, slope)
+    derivative: Callable[[torch.Tensor, float], torch.Tensor]  # its derivative, (z, slope)
+    native: Callable[[torch.Tensor, float], torch.Tensor]      # torch's own op, (z, slope)
+    module: Callable[[float], nn.Module]                       # torch's nn.Module, (slope)
 
 
 _TABLE = {
-    "identity": Activation("identity", IDENTITY, _identity, _identity_grad),
-    "relu": Activation("relu", RELU, _relu, _relu_grad),
-    "silu": Activation("silu", SILU, _silu, _silu_grad),
-    "gelu": Activation("gelu", GELU, _gelu, _gelu_grad),
-    "gelu_tanh": Activation("gelu_tanh", GELU_TANH, _gelu_tanh, _gelu_tanh_grad),
-    "leaky_relu": Activation("leaky_relu", LEAKY_RELU, _leaky_relu, _leaky_relu_grad),
+    "identity": Activation("identity", IDENTITY, _identity, _identity_grad,
+                           lambda z, slope: z, lambda slope: nn.Identity()),
+    "relu": Activation("relu", RELU, _relu, _relu_grad,
+                       lambda z, slope: F.relu(z), lambda slope: nn.ReLU()),
+    "silu": Activation("silu", SILU, _silu, _silu_grad,
+                       lambda z, slope: F.silu(z), lambda slope: nn.SiLU()),
+    "gelu": Activation("gelu", GELU, _gelu, _gelu_grad,
+                       lambda z, slope: F.gelu(z), lambda slope: nn.GELU()),
+    "gelu_tanh": Activation("gelu_tanh", GELU_TANH, _gelu_tanh, _gelu_tanh_grad,
+                            lambda z, slope: F.gelu(z, approximate="tanh"),
+                            lambda slope: nn.GELU(approximate="tanh")),
+    "leaky_relu": Activation("leaky_relu", LEAKY_RELU, _leaky_relu, _leaky_relu_grad,
+                             F.leaky_relu, nn.LeakyReLU),
 }
 _ALIASES = {"swish": "silu", "none": "identity", "linear": "identity"}
 
@@ -123,8 +136,26 @@ def parse_activation(activation) -> tuple[Activation, float]:
     return _TABLE[key], slope
 
 
-def by_id(activation_id: int) -> Activation:
-    for act in _TABLE.values():
-        if act.id == activation_id:
-            return act
-    raise ValueError(f"unknown activation id {activation_id}")
+def activation_module(activation) -> nn.Module:
+    """torch's nn.Module for an activation spec (a name or ("leaky_relu", slope))."""
+    act, slope = parse_activation(activation)
+    return act.module(slope)
+
+
+def native_activation(activation) -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch's own function for an activation spec, as a one-argument callable."""
+    act, slope = parse_activation(activation)
+    return lambda z: act.native(z, slope)
+
+
+def activation_of_module(module: nn.Module):
+    """The activation spec that ``module`` computes when it is one of torch's activation modules
+    of the table (the inverse of :func:`activation_module`), else None."""
+    if isinstance(module, nn.GELU):
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    if isinstance(module, nn.LeakyReLU):
+        return ("leaky_relu", module.negative_slope)
+    for module_type, name in ((nn.ReLU, "relu"), (nn.SiLU, "silu")):
+        if isinstance(module, module_type):
+            return name
+    return None

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .activations import parse_activation
-from .models.norms import BatchNormProxyAct, group_count
-from .modules import GroupNormAct, GroupNormProxyAct
+from .activations import activation_of_module, parse_activation
+from .modules import BatchNormProxyAct, GroupNormAct, GroupNormProxyAct, group_count
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _PLAIN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward,
@@ -190,19 +189,10 @@ _ACTIVATIONS_BY_NAME = {"timm.layers.activations.GELU": "gelu",
 
 
 def _activation_of_module(module):
-    """The activation spec of an activation module, or None."""
+    """The activation spec of an activation module (torch's, or another library's by name)."""
     cls = type(module)
-    if f"{cls.__module__}.{cls.__qualname__}" in _ACTIVATIONS_BY_NAME:
-        return _ACTIVATIONS_BY_NAME[f"{cls.__module__}.{cls.__qualname__}"]
-    if isinstance(module, nn.ReLU):
-        return "relu"
-    if isinstance(module, nn.SiLU):
-        return "silu"
-    if isinstance(module, nn.GELU):
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    if isinstance(module, nn.LeakyReLU):
-        return ("leaky_relu", module.negative_slope)
-    return None
+    name = _ACTIVATIONS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return name if name is not None else activation_of_module(module)
 
 
 _RELU_FUNCTIONS = (F.relu, F.relu_, torch.relu, torch.relu_)

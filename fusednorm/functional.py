@@ -33,7 +33,7 @@ def group_norm_proxy_act(input, num_groups, weight=None, bias=None, proxy_bias=N
         dict(weight=weight, bias=bias, proxy_bias=proxy_bias, proxy_weight=proxy_weight),
         activation=activation, eps=eps, proxy_eps=proxy_eps, num_proxy_samples=num_proxy_samples)
     name = select_backend(backend, input)
-    if name == "reference" or input.numel() == 0:
+    if name == "reference":
         return reference.group_norm_proxy_act(
             input, num_groups, weight, bias, proxy_bias, proxy_weight, activation=activation,
             eps=eps, proxy_eps=proxy_eps, num_proxy_samples=num_proxy_samples, upcast=True)
@@ -51,7 +51,7 @@ def group_norm_act(input, num_groups, weight=None, bias=None, *, activation="rel
     act, slope = check_args(input, num_groups, dict(weight=weight, bias=bias),
                             activation=activation, eps=eps)
     name = select_backend(backend, input)
-    if name == "reference" or input.numel() == 0:
+    if name == "reference":
         return reference.group_norm_act(input, num_groups, weight, bias, activation=activation,
                                         eps=eps, upcast=True)
     weight, bias = _materialize_affine(input, weight, bias)

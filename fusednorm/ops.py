@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .layout import accumulation_dtype, dense_layout
 from .proxy import proxy_samples
 
 try:
@@ -41,17 +42,6 @@ else:
     EXTENSION_IMPORT_ERROR = None
 
 
-def _dense_layout(x: Tensor) -> Tensor:
-    """The layout every backend computes in and returns: x's own if contiguous or channels-last."""
-    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
-        return x
-    return x.contiguous()
-
-
-def _stats_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton ops
 # ----------------------------------------------------------------------------------------------
@@ -60,7 +50,7 @@ def triton_forward(x: Tensor, weight: Tensor, bias: Tensor, proxy_bias: Optional
                    proxy_weight: Optional[Tensor], num_groups: int, activation: int, slope: float,
                    eps: float, proxy_eps: float, num_proxy_samples: int,
                    proxy: bool) -> tuple[Tensor, Tensor, Tensor]:
-    samples = proxy_samples(num_proxy_samples, dtype=_stats_dtype(x), device=x.device)
+    samples = proxy_samples(num_proxy_samples, dtype=accumulation_dtype(x.dtype), device=x.device)
     return _triton_kernels.forward(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
                                    activation, slope, eps, proxy_eps, proxy)
 
@@ -71,7 +61,7 @@ def triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
                     rstd: Tensor, num_groups: int, activation: int, slope: float, proxy_eps: float,
                     num_proxy_samples: int,
                     proxy: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    samples = proxy_samples(num_proxy_samples, dtype=_stats_dtype(x), device=x.device)
+    samples = proxy_samples(num_proxy_samples, dtype=accumulation_dtype(x.dtype), device=x.device)
     return _triton_kernels.backward(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples,
                                     mean, rstd, num_groups, activation, slope, proxy_eps, proxy)
 
@@ -81,14 +71,14 @@ def triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
 # ----------------------------------------------------------------------------------------------
 def _forward_fake(x, weight, bias, proxy_bias, proxy_weight, num_groups, activation, slope, eps,
                   proxy_eps, num_proxy_samples, proxy):
-    y = torch.empty_like(_dense_layout(x))
-    mean = x.new_empty((x.shape[0], num_groups), dtype=_stats_dtype(x))
+    y = torch.empty_like(dense_layout(x))
+    mean = x.new_empty((x.shape[0], num_groups), dtype=accumulation_dtype(x.dtype))
     return y, mean, torch.empty_like(mean)
 
 
 def _backward_fake(grad_out, x, weight, bias, proxy_bias, proxy_weight, mean, rstd, num_groups,
                    activation, slope, proxy_eps, num_proxy_samples, proxy):
-    dx = torch.empty_like(_dense_layout(x))
+    dx = torch.empty_like(dense_layout(x))
     dproxy_bias = torch.empty_like(proxy_bias if proxy_bias is not None else weight)
     dproxy_weight = torch.empty_like(proxy_weight if proxy_weight is not None else weight)
     return dx, torch.empty_like(weight), torch.empty_like(bias), dproxy_bias, dproxy_weight
@@ -162,3 +152,10 @@ def forward_op(backend: str):
     if backend == "triton":
         return torch.ops.fusednorm_triton.forward
     return torch.ops.fusednorm.forward
+
+
+def backward_op(backend: str):
+    """The backward custom op of a fused backend ("triton", "cpu" or "cuda")."""
+    if backend == "triton":
+        return torch.ops.fusednorm_triton.backward
+    return torch.ops.fusednorm.backward

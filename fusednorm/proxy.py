@@ -1,4 +1,4 @@
-"""Proxy samples and the eager proxy statistics (pn-math.md, steps 4-5)."""
+"""Proxy samples and the eager proxy statistics (docs/pn-math.md, steps 4-5)."""
 from __future__ import annotations
 
 import functools

@@ -15,7 +15,7 @@ from .proxy import proxy_stats
 def group_norm_proxy_act(input, num_groups, weight=None, bias=None, proxy_bias=None,
                          proxy_weight=None, *, activation="relu", eps=1e-5, proxy_eps=0.03,
                          num_proxy_samples=200, upcast=False):
-    """GroupNorm (no affine) -> weight/bias -> activation -> proxy normalization (pn-math.md)."""
+    """GroupNorm (no affine) -> weight/bias -> activation -> proxy normalization (docs/pn-math.md)."""
     act, slope = check_args(
         input, num_groups,
         dict(weight=weight, bias=bias, proxy_bias=proxy_bias, proxy_weight=proxy_weight),

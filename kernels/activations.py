@@ -1,10 +1,20 @@
 """Activation value and derivative as Triton device functions.
 
-The ``ACT`` ids mirror ``fusednorm/activations.py``: 0 identity, 1 relu, 2 silu, 3 gelu (erf),
-4 gelu_tanh, 5 leaky_relu (``slope`` used only by 5). Both take and return the compute dtype.
+``ACT`` is an id of the table in ``fusednorm/activations.py`` (imported below as constexprs);
+``slope`` is used by leaky_relu only. Both take and return the compute dtype.
 """
 import triton
 import triton.language as tl
+
+from .. import activations as _table
+
+# The table's ids as constexprs (a jitted function may only read constexpr globals).
+IDENTITY = tl.constexpr(_table.IDENTITY)
+RELU = tl.constexpr(_table.RELU)
+SILU = tl.constexpr(_table.SILU)
+GELU = tl.constexpr(_table.GELU)
+GELU_TANH = tl.constexpr(_table.GELU_TANH)
+LEAKY_RELU = tl.constexpr(_table.LEAKY_RELU)
 
 # Globals that a jitted function reads must be tl.constexpr: the compiler rejects plain floats
 # (the interpreter does not notice). Each is written right of a tensor operand: the interpreter
@@ -27,17 +37,19 @@ def _tanh(z):
 
 
 @triton.jit
-def act_value(z, ACT: tl.constexpr, slope):
-    if ACT == 1:
+def act_value(z,                 # tensor in the compute dtype
+              ACT: tl.constexpr,  # activation id (IDENTITY .. LEAKY_RELU)
+              slope):             # leaky_relu's negative slope, a scalar of z's dtype
+    if ACT == RELU:
         # where(z < 0, 0, z) rather than maximum: keeps NaN as NaN
         out = tl.where(z < 0, 0.0, z)
-    elif ACT == 2:
+    elif ACT == SILU:
         out = z * _sigmoid(z)
-    elif ACT == 3:
+    elif ACT == GELU:
         out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
-    elif ACT == 4:
+    elif ACT == GELU_TANH:
         out = 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI))
-    elif ACT == 5:
+    elif ACT == LEAKY_RELU:
         out = tl.where(z > 0, z, z * slope)
     else:
         out = z
@@ -45,19 +57,19 @@ def act_value(z, ACT: tl.constexpr, slope):
 
 
 @triton.jit
-def act_grad(z, ACT: tl.constexpr, slope):
-    if ACT == 1:
+def act_grad(z, ACT: tl.constexpr, slope):  # the derivative of act_value, same arguments
+    if ACT == RELU:
         out = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2:
+    elif ACT == SILU:
         sig = _sigmoid(z)
         out = sig * (1.0 + z * (1.0 - sig))
-    elif ACT == 3:
+    elif ACT == GELU:
         cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2))
         out = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    elif ACT == 4:
+    elif ACT == GELU_TANH:
         t = _tanh((z + z * z * z * _GELU_TANH_C) * _SQRT_2_OVER_PI)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + z * z * 3.0 * _GELU_TANH_C)
-    elif ACT == 5:
+    elif ACT == LEAKY_RELU:
         # "+ 0 * z" keeps the select in z's dtype (a bare scalar select would round to fp32)
         out = tl.where(z > 0, 1.0 + 0.0 * z, slope + 0.0 * z)
     else:

@@ -1,4 +1,4 @@
-"""Fused GroupNorm + affine + activation + Proxy Normalization in Triton (pn-math.md).
+"""Fused GroupNorm + affine + activation + Proxy Normalization in Triton (docs/pn-math.md).
 
 Every kernel sees the input as a 3-D array (N, C, S) through strides (stride_n, stride_c,
 stride_s), S = product of the spatial sizes: a contiguous (NCHW) input has strides (C*S, S, 1),
@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import accumulation_dtype, dense_layout
 from .activations import act_grad, act_value
 
 
@@ -118,17 +119,23 @@ def _channel_params(weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samp
 
 
 @triton.jit
+def _welford_merge(count, mean, m2, other_count, other_mean, other_m2):
+    """Chan's merge of two Welford states (count, mean, M2): exact for any split of the data and
+    stable for offset data (mean 1e4, std 1), unlike E[x^2] - E[x]^2. An empty state is a no-op."""
+    new_count = count + other_count
+    ratio = other_count / tl.maximum(new_count, 1.0)
+    delta = other_mean - mean
+    return new_count, mean + delta * ratio, m2 + other_m2 + delta * delta * count * ratio
+
+
+@triton.jit
 def _chan_merge(count, mean, m2, x, mask):
-    """Merge the Welford state (count, mean, M2) with a tile's own, computed by an in-register
-    two-pass (Chan's formula): stable for offset data (mean 1e4, std 1), unlike E[x^2] - E[x]^2."""
+    """Merge the Welford state (count, mean, M2) with the state of a tile x (valid where mask),
+    computed by an in-register two-pass."""
     tile_count = tl.sum(mask.to(mean.dtype))
     tile_mean = tl.sum(x) / tl.maximum(tile_count, 1.0)
     d = tl.where(mask, x - tile_mean, 0.0)
-    tile_m2 = tl.sum(d * d)
-    new_count = count + tile_count
-    delta = tile_mean - mean
-    ratio = tile_count / tl.maximum(new_count, 1.0)
-    return new_count, mean + delta * ratio, m2 + tile_m2 + delta * delta * count * ratio
+    return _welford_merge(count, mean, m2, tile_count, tile_mean, tl.sum(d * d))
 
 
 @triton.jit
@@ -241,7 +248,7 @@ def _proxy_stats_kernel(
     slope: tl.float64,      # leaky_relu slope (read only if ACT is leaky_relu)
     proxy_eps: tl.float64,  # added to the proxy variance
     ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
-    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,  # beta~ / gamma~ given (else 0)
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_K: tl.constexpr,  # samples per step
     ACC_DTYPE: tl.constexpr,  # fp32, or fp64 for fp64 input
@@ -324,12 +331,7 @@ def _group_stats_combine_kernel(
         part_count = tl.load(count_ptr + offs * SPLIT + split, mask=mask, other=0.0)
         part_mean = tl.load(mean_ptr + offs * SPLIT + split, mask=mask, other=0.0)
         part_m2 = tl.load(m2_ptr + offs * SPLIT + split, mask=mask, other=0.0)
-        new_count = count + part_count
-        safe_count = tl.where(new_count > 0, new_count, 1.0)  # empty splits merge as no-ops
-        delta = part_mean - mean
-        mean += delta * (part_count / safe_count)
-        m2 += part_m2 + delta * delta * (count * part_count / safe_count)
-        count = new_count
+        count, mean, m2 = _welford_merge(count, mean, m2, part_count, part_mean, part_m2)
     tl.store(group_mean_ptr + offs, mean, mask=mask)
     tl.store(group_rstd_ptr + offs, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + eps), mask=mask)
 
@@ -391,7 +393,7 @@ def _forward_group_kernel(
     inv_m: tl.float64,      # 1 / (CPG * S), from the host
     ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
     PROXY: tl.constexpr,    # Proxy Normalization on
-    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,  # beta~ / gamma~ given (else 0)
     RESIDENT: tl.constexpr,  # the group is one [BLOCK_C, BLOCK_S] tile (else: loop over tiles)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
     BLOCK_K: tl.constexpr,  # proxy samples per step of the prologue
@@ -579,7 +581,7 @@ def _backward_params_kernel(
     proxy_eps: tl.float64,  # added to the proxy variance
     ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
     PROXY: tl.constexpr,    # Proxy Normalization on: D, E and the proxy gradients too
-    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,  # beta~ / gamma~ given (else 0)
     BLOCK_R: tl.constexpr,  # rows per step of the reduction
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_K: tl.constexpr,  # proxy samples per step
@@ -716,7 +718,7 @@ def _backward_group_kernel(
     inv_m: tl.float64,      # 1 / (CPG * S), from the host
     ACT: tl.constexpr,      # activation id (fusednorm/activations.py)
     PROXY: tl.constexpr,    # Proxy Normalization on: D and E too, g_z scaled by s_c
-    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,
+    HAS_PROXY_BIAS: tl.constexpr, HAS_PROXY_WEIGHT: tl.constexpr,  # beta~ / gamma~ given (else 0)
     RESIDENT: tl.constexpr,  # the group is one [BLOCK_C, BLOCK_S] tile (else: loop over tiles)
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,  # tile shape
     BLOCK_K: tl.constexpr,  # proxy samples per step of the prologue
@@ -813,14 +815,6 @@ def _backward_group_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def dense_layout(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself when it is contiguous or channels-last (any number of spatial dims), else a
-    contiguous copy. The output of every op has this tensor's strides."""
-    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
-        return x
-    return x.contiguous()
-
-
 def _strides_ncs(x: torch.Tensor) -> tuple[int, int, int]:
     """(stride_n, stride_c, stride_s) of a dense_layout tensor seen as (N, C, S)."""
     if x.dim() == 2:
@@ -828,10 +822,6 @@ def _strides_ncs(x: torch.Tensor) -> tuple[int, int, int]:
     if x.is_contiguous():
         return x.stride(0), x.stride(1), 1
     return x.stride(0), 1, x.shape[1]
-
-
-def _acc_dtype(x: torch.Tensor):
-    return (tl.float64, torch.float64) if x.dtype == torch.float64 else (tl.float32, torch.float32)
 
 
 @dataclass(frozen=True)
@@ -1001,8 +991,9 @@ class _Launch:
         self.CPG = self.C // num_groups
         self.strides = _strides_ncs(x)
         self.channels_last = x.dim() > 2 and not x.is_contiguous()
-        self.acc_tl, self.acc_torch = _acc_dtype(x)
-        self.acc_size = 8 if x.dtype == torch.float64 else 4
+        self.acc_torch = accumulation_dtype(x.dtype)
+        self.acc_tl = tl.float64 if self.acc_torch == torch.float64 else tl.float32
+        self.acc_size = self.acc_torch.itemsize
         self.index_64 = x.numel() >= 2**31 - 1
         self.flags = dict(ACT=activation, ACC_DTYPE=self.acc_tl)
         self.has_proxy_bias = proxy_bias is not None
@@ -1092,6 +1083,10 @@ def forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
                  slope, eps, proxy_eps, proxy) -> Plan:
     """The launches of one forward; ``plan.run()`` returns (y, mean, rstd)."""
     x = dense_layout(x)
+    if x.numel() == 0:  # nothing to launch: groups without elements have variance 0
+        mean = torch.zeros((x.shape[0], num_groups), dtype=accumulation_dtype(x.dtype),
+                           device=x.device)
+        return Plan("empty", [], (torch.empty_like(x), mean, torch.full_like(mean, eps ** -0.5)))
     weight, bias, proxy_bias, proxy_weight = _dense_params(weight, bias, proxy_bias, proxy_weight)
     launch = _Launch(x, num_groups, activation, proxy_bias, proxy_weight)
     N, C, S, G, CPG = launch.N, launch.C, launch.S, launch.G, launch.CPG
@@ -1163,6 +1158,9 @@ def backward_plan(grad_out, x, weight, bias, proxy_bias, proxy_weight, samples, 
     grad_out = dense_layout(grad_out)
     param_dtypes = (weight.dtype, bias.dtype, _or(proxy_bias, weight).dtype,
                     _or(proxy_weight, weight).dtype)
+    if x.numel() == 0:  # no elements: every sum, and so every parameter gradient, is 0
+        return Plan("empty", [], (torch.empty_like(x), *(
+            torch.zeros(x.shape[1], dtype=dtype, device=x.device) for dtype in param_dtypes)))
     weight, bias, proxy_bias, proxy_weight = _dense_params(weight, bias, proxy_bias, proxy_weight)
     launch = _Launch(x, num_groups, activation, proxy_bias, proxy_weight)
     N, C, S, G, CPG = launch.N, launch.C, launch.S, launch.G, launch.CPG

@@ -1,113 +1,89 @@
-"""The fused Triton kernels against the eager reference (interpreter on CPU, or CUDA)."""
+"""The fused op against the eager reference, for every fused backend that runs here (the
+``fused_backend`` fixture: Triton under the interpreter or on CUDA, the C++ CPU kernels, the
+CUDA kernels): activations and PN modes, odd shapes, dtypes, gradcheck, layouts, the raw ops'
+outputs. Paths and machinery of one backend are tested in that backend's file."""
 import pytest
 import torch
 
 import fusednorm
-from fusednorm.kernels import group_norm_proxy_act as kernels
-from conftest import ACTIVATIONS, ODD_SHAPES, check_against_reference, make_inputs, triton_device
+from fusednorm import activations, ops, reference
+from conftest import ACTIVATIONS, ODD_SHAPES, check_against_reference, make_inputs
 
-PROXY_MODES = {"pn+proxy_params": (True, True), "pn": (True, False), "no_pn": (False, False)}
+LAYOUTS = {"nchw": False, "channels_last": True}
+MODES = {"pn+proxy_params": (True, True), "pn": (True, False), "no_pn": (False, False)}
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("mode", PROXY_MODES)
+def skip_bf16_in_the_interpreter(backend, device, dtype):
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter computes bf16 wrongly; bf16 Triton runs on CUDA")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=str)
-def test_activations_and_modes(activation, mode, channels_last):
-    proxy, proxy_params = PROXY_MODES[mode]
-    check_against_reference("triton", (2, 12, 5, 7), 3, activation=activation, proxy=proxy,
-                            proxy_params=proxy_params, channels_last=channels_last,
-                            device=triton_device())
+def test_activations_and_modes(fused_backend, activation, mode, layout):
+    backend, device = fused_backend
+    proxy, proxy_params = MODES[mode]
+    check_against_reference(backend, (2, 12, 5, 7), 3, activation=activation, proxy=proxy,
+                            proxy_params=proxy_params, channels_last=LAYOUTS[layout],
+                            device=device)
 
 
-SHAPES = {
-    **ODD_SHAPES,
-    "split_reduction": ((1, 8, 64, 64), 1),  # N*G=1: the group is reduced by several programs
-    "many_groups": ((5, 64, 3, 3), 32),
-}
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
-@pytest.mark.parametrize("case", SHAPES)
-def test_shapes(case, proxy, channels_last):
-    shape, groups = SHAPES[case]
-    check_against_reference("triton", shape, groups, activation="silu", proxy=proxy,
-                            channels_last=channels_last, device=triton_device())
+@pytest.mark.parametrize("case", ODD_SHAPES)
+def test_odd_shapes(fused_backend, case, proxy, layout):
+    backend, device = fused_backend
+    shape, groups = ODD_SHAPES[case]
+    check_against_reference(backend, shape, groups, activation="silu", proxy=proxy,
+                            channels_last=LAYOUTS[layout], device=device)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("activation", ["relu", "silu"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_low_precision(dtype, activation, channels_last):
-    check_against_reference("triton", (2, 16, 9, 9), 4, activation=activation, dtype=dtype,
-                            channels_last=channels_last, device=triton_device())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("activation", ["relu", "silu", ("leaky_relu", 0.1)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_low_precision(fused_backend, dtype, activation, layout):
+    backend, device = fused_backend
+    skip_bf16_in_the_interpreter(backend, device, dtype)
+    check_against_reference(backend, (2, 24, 9, 9), 4, activation=activation, dtype=dtype,
+                            channels_last=LAYOUTS[layout], device=device)
 
 
-def test_mixed_precision_fp32_params_fp16_input():
-    """fp16 activations with fp32 parameters (autocast-style): output and dx in fp16, parameter
-    gradients in fp32."""
-    check_against_reference("triton", (2, 16, 6, 6), 4, activation="silu", dtype=torch.float16,
-                            param_dtype=torch.float32, device=triton_device())
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixed_precision_fp32_params(fused_backend, dtype, layout):
+    """Half/bfloat16 activations with fp32 parameters (autocast-style): y and dx in the input's
+    dtype, parameter gradients in fp32."""
+    backend, device = fused_backend
+    skip_bf16_in_the_interpreter(backend, device, dtype)
+    check_against_reference(backend, (2, 16, 6, 6), 4, activation="silu", dtype=dtype,
+                            param_dtype=torch.float32, channels_last=LAYOUTS[layout],
+                            device=device)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
-def test_cuda_dtypes(dtype, channels_last, proxy):
-    """On a CUDA device: every dtype (bf16 only here: the interpreter gets bf16 wrong) and both
-    memory formats, on shapes large enough for the real tile sizes and split paths."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device (bf16 is not supported by the Triton interpreter)")
-    for shape, groups in [((4, 64, 28, 28), 8), ((1, 256, 56, 56), 1), ((8, 96, 7, 7), 32)]:
-        check_against_reference("triton", shape, groups, activation="relu", proxy=proxy,
-                                dtype=dtype, param_dtype=torch.float32,
-                                channels_last=channels_last, device="cuda")
-
-
-@pytest.mark.parametrize("activation,proxy", [("relu", True), ("silu", True),
-                                              (("leaky_relu", 0.1), True), ("gelu_tanh", False)],
-                         ids=str)
-def test_gradcheck_fp64(activation, proxy):
-    device = triton_device()
-    x, params = make_inputs((2, 4, 3), device=device, proxy_params=proxy)
+@pytest.mark.parametrize("activation,proxy,channels_last",
+                         [("relu", True, False), ("silu", True, True), ("gelu", True, False),
+                          (("leaky_relu", 0.1), True, True), ("gelu_tanh", False, False),
+                          ("identity", False, True)], ids=str)
+def test_gradcheck_fp64(fused_backend, activation, proxy, channels_last):
+    backend, device = fused_backend
+    x, params = make_inputs((2, 4, 3, 2), device=device, proxy_params=proxy,
+                            channels_last=channels_last)
     fn = fusednorm.group_norm_proxy_act if proxy else fusednorm.group_norm_act
 
     def op(x, *ps):
-        return fn(x, 2, *ps, activation=activation, backend="triton")
+        return fn(x, 2, *ps, activation=activation, backend=backend)
 
-    assert torch.autograd.gradcheck(op, (x, *params.values()), fast_mode=True)
-
-
-def test_split_and_unsplit_statistics_agree():
-    """The same group reduced by one program (N*G large) and by several (N*G = 1)."""
-    device = triton_device()
-    x, params = make_inputs((8, 4, 64, 48), dtype=torch.float32, device=device)
-    batched = fusednorm.group_norm_proxy_act(x, 1, **params, backend="triton")
-    single = torch.cat([fusednorm.group_norm_proxy_act(x[i:i + 1], 1, **params, backend="triton")
-                        for i in range(x.shape[0])])
-    torch.testing.assert_close(batched, single, rtol=1e-5, atol=1e-5)
-
-
-def test_non_dense_input_is_handled():
-    """A strided view that is neither contiguous nor channels-last: computed on a copy, output
-    contiguous, gradients still right."""
-    device = triton_device()
-    base = torch.randn(2, 8, 6, 10, dtype=torch.float64, device=device)
-    x = base[..., ::2].requires_grad_()
-    y = fusednorm.group_norm_proxy_act(x, 4, backend="triton")
-    y_ref = fusednorm.reference.group_norm_proxy_act(x, 4)
-    torch.testing.assert_close(y, y_ref)
-    g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+    assert torch.autograd.gradcheck(op, (x, *params.values()), fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("activation,m,s", [("relu", 0.398451, 1.648373),
                                             ("silu", 0.206048, 1.714977)])
-def test_proxy_statistics_at_init_match_pn_math_table(fused_backend, activation, m, s):
+def test_proxy_statistics_at_init_match_the_table(fused_backend, activation, m, s):
     """With xhat = -1 and +1 (one group of two elements, eps = 0) the fused output is
-    y = s * (act(+-1) - m), which gives back the kernel's proxy m and s (pn-math.md table)."""
+    y = s * (act(+-1) - m), which gives back the kernel's proxy m and s (docs/pn-math.md table)."""
     backend, device = fused_backend
-    x = torch.tensor([[[-1.0], [1.0]]], dtype=torch.float64, device=device).reshape(1, 1, 2)
+    x = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).reshape(1, 1, 2)
     y = fusednorm.group_norm_proxy_act(x, 1, activation=activation, eps=0.0, backend=backend)
     y_minus, y_plus = y.flatten().tolist()
     act_minus, act_plus = (0.0, 1.0) if activation == "relu" else (-0.2689414213699951, 0.7310585786300049)
@@ -116,83 +92,46 @@ def test_proxy_statistics_at_init_match_pn_math_table(fused_backend, activation,
     assert act_plus - y_plus / scale == pytest.approx(m, abs=1e-6)
 
 
-def test_absent_proxy_params_get_zero_gradients_from_the_raw_op():
-    device = triton_device()
-    x, params = make_inputs((2, 4, 3), device=device, proxy_params=False)
-    args = (x.detach(), params["weight"].detach(), params["bias"].detach(), None, None, 2, 1, 0.01,
-            1e-5, 0.03, 16, True)
-    _, mean, rstd = torch.ops.fusednorm_triton.forward(*args)
-    grads = torch.ops.fusednorm_triton.backward(torch.ones_like(x), *args[:5], mean, rstd,
-                                                2, 1, 0.01, 0.03, 16, True)
-    assert torch.equal(grads[3], torch.zeros_like(grads[3]))
-    assert torch.equal(grads[4], torch.zeros_like(grads[4]))
+def test_non_dense_input_and_grad_layouts(fused_backend):
+    """A strided view (neither contiguous nor channels-last) is computed on a copy and gives a
+    contiguous output; a gradient in another layout than x is accepted."""
+    backend, device = fused_backend
+    base = torch.randn(2, 8, 6, 10, dtype=torch.float64, device=device)
+    x = base[..., ::2].requires_grad_()
+    y = fusednorm.group_norm_proxy_act(x, 4, backend=backend)
+    assert y.is_contiguous()
+    y_ref = reference.group_norm_proxy_act(x, 4)
+    torch.testing.assert_close(y, y_ref)
+    grad = torch.randn_like(y).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.autograd.grad(y, x, grad)[0],
+                               torch.autograd.grad(y_ref, x, grad)[0])
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
-def test_empty_batch(backend):
-    device = triton_device() if backend == "triton" else "cpu"
-    x = torch.randn(0, 8, 4, 4, device=device, requires_grad=True)
-    y = fusednorm.group_norm_proxy_act(x, 2, backend=backend)
-    assert y.shape == x.shape
-    y.sum().backward()
-    assert x.grad.shape == x.shape
+def _raw_forward_args(x, params, proxy, groups):
+    return (x, params["weight"], params["bias"], params.get("proxy_bias"),
+            params.get("proxy_weight"), groups, activations.SILU, 0.01, 1e-5, 0.03, 16, proxy)
 
 
-def test_tensor_on_a_device_that_is_not_current():
-    """Triton launches on the current CUDA device: the launchers make x's device current."""
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs 2 CUDA devices")
-    x, params = make_inputs((2, 8, 5, 5), dtype=torch.float32, device="cuda:1")
-    assert torch.cuda.current_device() == 0
-    y = fusednorm.group_norm_proxy_act(x, 4, **params, backend="triton")
-    y.backward(torch.ones_like(y))
-    ref = fusednorm.reference.group_norm_proxy_act(x.detach().cpu(), 4,
-                                                   **{k: v.detach().cpu() for k, v in params.items()})
-    torch.testing.assert_close(y.cpu(), ref.float(), rtol=1e-4, atol=1e-4)
-    assert x.grad.device == x.device and torch.isfinite(x.grad).all()
-
-
-PATH_SHAPES = {
-    **ODD_SHAPES,
-    "large_groups": ((3, 16, 9, 10), 2),  # over the interpreter's resident limit
-}
-
-
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
-@pytest.mark.parametrize("case", PATH_SHAPES)
-@pytest.mark.parametrize("path", kernels.PATHS)
-def test_every_path(path, case, proxy, channels_last, monkeypatch):
-    """Each path of the launch rule forced through $FUSEDNORM_TRITON_PATH (the knob the
-    benchmark uses), on every odd shape; resident refuses a group it cannot hold, saying so."""
-    monkeypatch.setenv(kernels.PATH_ENV, path)
-    shape, groups = PATH_SHAPES[case]
-    device = triton_device()
-    traits = kernels.device_traits(torch.device(device))
-    spatial = torch.Size(shape[2:]).numel()
-    if path == "resident" and kernels._group_tile(shape[1] // groups, spatial, traits) is None:
-        x = torch.randn(shape, device=device)
-        with pytest.raises(ValueError, match="does not fit one program"):
-            fusednorm.group_norm_proxy_act(x, groups, backend="triton")
-        return
-    check_against_reference("triton", shape, groups, activation="gelu", proxy=proxy,
-                            channels_last=channels_last, device=device)
-
-
-@pytest.mark.parametrize("path", kernels.PATHS)
-def test_backward_is_bitwise_deterministic(path, monkeypatch):
-    monkeypatch.setenv(kernels.PATH_ENV, path)
-    shape = (2, 8, 6, 5) if path == "resident" else (3, 16, 9, 10)
-    x, params = make_inputs(shape, dtype=torch.float32, device=triton_device())
-    grad_out = torch.randn_like(x)
-    runs = [torch.autograd.grad(fusednorm.group_norm_proxy_act(x, 2, **params, backend="triton"),
-                                [x, *params.values()], grad_out) for _ in range(2)]
-    for first, second in zip(*runs):
-        assert torch.equal(first, second)
-
-
-def test_unknown_path_is_an_error(monkeypatch):
-    monkeypatch.setenv(kernels.PATH_ENV, "fastest")
-    x = torch.randn(2, 4, 3, device=triton_device())
-    with pytest.raises(ValueError, match="FUSEDNORM_TRITON_PATH"):
-        fusednorm.group_norm_proxy_act(x, 2, backend="triton")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=str)
+def test_raw_op_outputs(fused_backend, dtype):
+    """The op pair itself: dtypes and layouts of every output, no aliasing, and zero proxy
+    gradients when PN is off or the proxy parameters are absent."""
+    backend, device = fused_backend
+    x, params = make_inputs((2, 6, 3, 4), dtype=dtype, param_dtype=torch.float32, device=device,
+                            proxy_params=False, channels_last=True)
+    x, params = x.detach(), {k: v.detach() for k, v in params.items()}
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    forward, backward = ops.forward_op(backend), ops.backward_op(backend)
+    for proxy in (True, False):
+        y, mean, rstd = forward(*_raw_forward_args(x, params, proxy, 3))
+        assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+        assert mean.shape == rstd.shape == (2, 3) and mean.dtype == rstd.dtype == stats_dtype
+        outs = backward(torch.randn_like(x), x, params["weight"], params["bias"], None, None,
+                        mean, rstd, 3, activations.SILU, 0.01, 0.03, 16, proxy)
+        dx, dweight, dbias, dproxy_bias, dproxy_weight = outs
+        assert dx.dtype == dtype and dx.stride() == x.stride()
+        assert all(t.dtype == torch.float32 and t.shape == (6,) for t in outs[1:])
+        assert torch.count_nonzero(dproxy_bias) == 0 and torch.count_nonzero(dproxy_weight) == 0
+        pointers = [t.data_ptr() for t in (y, mean, rstd, *outs)]
+        assert len(set(pointers)) == len(pointers)
+        assert not {x.data_ptr(), *(p.data_ptr() for p in params.values())} & set(pointers)

@@ -5,10 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
-from fusednorm import GroupNormProxyAct
-from fusednorm.activations import parse_activation
+from fusednorm import GroupNormProxyAct, reference
 from fusednorm.models import NORMS, BatchNormProxyAct, norm_act, resnet_v2
-from fusednorm.proxy import proxy_stats
 
 
 @pytest.mark.parametrize("norm", NORMS)
@@ -55,19 +53,35 @@ def test_unknown_norm_and_depth():
         resnet_v2(18)
 
 
-def test_batch_norm_proxy_act_matches_the_formula():
+def test_batch_norm_proxy_act_at_init_is_the_table():
+    """gamma = 1, beta = 0: y = s (relu(xhat) - m) with docs/pn-math.md's m and s for ReLU."""
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64)
+    xhat = F.batch_norm(x, None, None, training=True)
+    assert_close(BatchNormProxyAct(6).double()(x), 1.648373 * (F.relu(xhat) - 0.398451),
+                 rtol=0, atol=5e-6)
+
+
+def test_batch_norm_proxy_act_is_instance_norm_over_the_batch():
+    """With batch statistics, BN of (N, C, S) is the GroupNorm with G = C of the batch seen as one
+    instance (1, C, N*S): the eager GN+PN reference on that view is an independent oracle for
+    the module's output and every gradient."""
     torch.manual_seed(0)
     module = BatchNormProxyAct(6, activation="silu").double()
     with torch.no_grad():
         for p in (module.weight, module.bias, module.proxy_bias, module.proxy_weight):
             p.add_(0.2 * torch.randn(6, dtype=torch.float64))
-    x = torch.randn(4, 6, 3, 5, dtype=torch.float64)
-    xhat = F.batch_norm(x, None, None, training=True)
-    act, slope = parse_activation("silu")
-    m, _, s = proxy_stats(module.weight, module.bias, module.proxy_bias, module.proxy_weight,
-                          act, slope, 200, 0.03)
-    view = (1, -1, 1, 1)
-    expected = s.view(view) * (F.silu(module.weight.view(view) * xhat + module.bias.view(view))
-                               - m.view(view))
-    assert_close(module(x), expected)
+    x = torch.randn(4, 6, 3, 5, dtype=torch.float64, requires_grad=True)
+    params = [module.weight, module.bias, module.proxy_bias, module.proxy_weight]
+
+    def oracle(x):
+        one_instance = x.transpose(0, 1).reshape(1, 6, -1)
+        y = reference.group_norm_proxy_act(one_instance, 6, *params, activation="silu")
+        return y.reshape(6, 4, 3, 5).transpose(0, 1)
+
+    y, expected = module(x), oracle(x)
+    assert_close(y, expected)
+    grad_y = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, [x, *params], grad_y),
+                         torch.autograd.grad(expected, [x, *params], grad_y)):
+        assert_close(got, want)
     assert module(torch.randn(4, 6, dtype=torch.float64)).shape == (4, 6)

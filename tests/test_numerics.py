@@ -1,10 +1,11 @@
-"""Numerical robustness of every fused backend: offset data, constant groups, NaN, determinism."""
+"""Numerical robustness of every fused backend: offset data, constant groups, NaN, large values,
+determinism, empty inputs."""
 import pytest
 import torch
 
 import fusednorm
 from fusednorm import reference
-from conftest import make_inputs
+from conftest import make_inputs, to_layout
 
 
 def _params(channels, device, dtype=torch.float32):
@@ -13,30 +14,39 @@ def _params(channels, device, dtype=torch.float32):
                 bias=(0.3 * torch.randn(channels, generator=gen)).to(device, dtype))
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 16, 24, 24), 4), ((1, 8, 70, 70), 1),
+                                          ((2, 12, 5, 6, 7), 3)], ids=["4d", "one_group", "3d"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_offset_data_fp32_matches_fp64(fused_backend, channels_last):
+def test_offset_data_fp32_matches_fp64(fused_backend, shape, groups, channels_last):
     """1e4 + randn in fp32: the statistics must not cancel catastrophically. The only error left
-    is the input's own fp32 rounding around 1e4 (ulp ~1e-3) passing through the normalisation."""
+    is the input's own fp32 rounding around 1e4 (half an ulp, 5e-4) passing through the
+    normalisation, amplified by gamma * s * act' (up to ~3 here): 4e-3 in the output and in dx."""
     backend, device = fused_backend
     gen = torch.Generator().manual_seed(0)
-    x = 1e4 + torch.randn(2, 16, 24, 24, generator=gen)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    x = x.to(device)
-    params = _params(16, device)
-    out = fusednorm.group_norm_proxy_act(x, 4, **params, backend=backend)
-    exact = reference.group_norm_proxy_act(x.double(), 4, **{k: v.double() for k, v in params.items()})
-    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-3)
+    x = to_layout(1e4 + torch.randn(shape, generator=gen), channels_last).to(device)
+    x.requires_grad_()
+    params = _params(shape[1], device)
+    out = fusednorm.group_norm_proxy_act(x, groups, **params, activation="silu", backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    exact = reference.group_norm_proxy_act(x64, groups, activation="silu",
+                                           **{k: v.double() for k, v in params.items()})
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=4e-3)
+    grad = torch.randn_like(exact)
+    (dx,) = torch.autograd.grad(out, x, grad.float())
+    (dx_exact,) = torch.autograd.grad(exact, x64, grad)
+    torch.testing.assert_close(dx.double(), dx_exact, rtol=0, atol=4e-3)
     # The naive one-pass variance E[x^2] - E[x]^2 in fp32 is far off here: the check has teeth.
-    grouped = x.reshape(2, 4, -1)
+    grouped = x.detach().reshape(shape[0], groups, -1)
     naive_var = (grouped * grouped).mean(-1) - grouped.mean(-1) ** 2
     assert (naive_var - grouped.double().var(-1, unbiased=False)).abs().max() > 0.1
 
 
-def test_constant_group_gives_finite_output(fused_backend):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_constant_group_gives_finite_output(fused_backend, channels_last):
     backend, device = fused_backend
-    x = torch.randn(2, 8, 5, 5, device=device)
+    x = torch.randn(2, 8, 5, 5)
     x[0, :4] = 3.0  # group (n=0, g=0) is constant: variance 0, xhat = 0
+    x = to_layout(x, channels_last).to(device)
     params = _params(8, device)
     x.requires_grad_()
     out = fusednorm.group_norm_proxy_act(x, 2, **params, backend=backend)
@@ -47,13 +57,16 @@ def test_constant_group_gives_finite_output(fused_backend):
     assert torch.isfinite(grad).all()
 
 
-def test_nan_in_gives_nan_out(fused_backend):
+@pytest.mark.parametrize("activation", ["relu", "silu", ("leaky_relu", 0.1)], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_nan_in_gives_nan_out(fused_backend, channels_last, activation):
     backend, device = fused_backend
-    x = torch.randn(2, 8, 5, 5, device=device)
+    x = torch.randn(2, 8, 5, 5)
     x[1, 5, 2, 2] = float("nan")  # group (n=1, g=1)
+    x = to_layout(x, channels_last).to(device)
     for proxy in (True, False):
         fn = fusednorm.group_norm_proxy_act if proxy else fusednorm.group_norm_act
-        out = fn(x, 2, **_params(8, device), activation="relu", backend=backend)
+        out = fn(x, 2, **_params(8, device), activation=activation, backend=backend)
         assert torch.isnan(out[1, 4:]).all(), "every element of the NaN's group must be NaN"
         assert torch.isfinite(out[0]).all() and torch.isfinite(out[1, :4]).all()
 
@@ -81,3 +94,30 @@ def test_backward_is_bitwise_deterministic(fused_backend, channels_last):
     first, second = grads(), grads()
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 3, 3), (2, 8, 0)], ids=["N=0", "S=0"])
+@pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
+def test_empty_input(fused_backend, shape, proxy):
+    """The backend's own op runs (no detour through the reference): statistics of groups without
+    elements (mean 0, rstd 1/sqrt(eps)), an empty output, and zero parameter gradients."""
+    from fusednorm import ops
+
+    backend, device = fused_backend
+    x = torch.randn(shape, device=device)
+    w, b = torch.ones(8, device=device), torch.zeros(8, device=device)
+    pb = torch.zeros(8, device=device) if proxy else None
+    y, mean, rstd = ops.forward_op(backend)(x, w, b, pb, pb, 2, 1, 0.0, 1e-5, 0.03, 16, proxy)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (shape[0], 2)
+    assert torch.equal(mean, torch.zeros_like(mean))
+    torch.testing.assert_close(rstd, torch.full_like(rstd, 1e-5 ** -0.5))
+
+    x.requires_grad_()
+    params = {name: p.clone().requires_grad_() for name, p in
+              dict(weight=w, bias=b, **(dict(proxy_bias=pb, proxy_weight=pb) if proxy else {})).items()}
+    fn = fusednorm.group_norm_proxy_act if proxy else fusednorm.group_norm_act
+    out = fn(x, 2, **params, backend=backend)
+    grads = torch.autograd.grad(out.sum(), [x, *params.values()], allow_unused=True)
+    assert out.shape == x.shape and grads[0].shape == x.shape
+    for name, grad in zip(params, grads[1:]):
+        assert grad is not None and torch.count_nonzero(grad) == 0, f"grad of {name}"

@@ -1,4 +1,4 @@
-"""The eager reference against pn-math.md written out by hand, and against F.group_norm."""
+"""The eager reference against docs/pn-math.md written out by hand, and against F.group_norm."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from conftest import ACTIVATIONS, make_inputs, run_forward_backward
 
 def pn_math_forward_backward(x, groups, weight, bias, proxy_bias, proxy_weight, grad_out,
                              activation, eps=1e-5, proxy_eps=0.03, num_samples=200):
-    """pn-math.md's forward and closed-form backward, no autograd."""
+    """docs/pn-math.md's forward and closed-form backward, no autograd."""
     act, slope = parse_activation(activation)
     n, c = x.shape[:2]
     xs = x.reshape(n, c, -1)

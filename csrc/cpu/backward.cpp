@@ -1,5 +1,5 @@
 // CPU backward kernel: per-(n, c) partial sums (sum g_z, g_z * xhat, g, g * a), per-(n, g)
-// sums SA, SB, then dx = rstd * (gamma_c g_z - SA/M - xhat SB/M) (pn-math.md). The parameter
+// sums SA, SB, then dx = rstd * (gamma_c g_z - SA/M - xhat SB/M) (docs/pn-math.md). The parameter
 // gradients are finished from the partials in fusednorm_cpu.cpp. Compiled once per instruction
 // set (see vec_utils.h).
 //

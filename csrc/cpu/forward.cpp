@@ -1,5 +1,5 @@
 // CPU forward kernel: group statistics, then y = s_c * (act(gamma_c * xhat + beta_c) - m_c).
-// The algorithm of kernels/group_norm_proxy_act.py (pn-math.md) on at::vec::Vectorized;
+// The algorithm of kernels/group_norm_proxy_act.py (docs/pn-math.md) on at::vec::Vectorized;
 // compiled once per instruction set (see vec_utils.h).
 //
 // Contiguous (N, C, S) input, per (n, g) group (a contiguous range of M = C/G * S elements):
@@ -13,6 +13,7 @@
 // Channels-last (N, S, C) input (and any input with S = 1): tasks of whole rows of one n,
 // vectorised along C with per-channel accumulators, reduced over tasks in a fixed order.
 #include "vec_utils.h"
+#include "../welford.h"
 
 #include <cmath>
 #include <vector>
@@ -20,26 +21,9 @@
 namespace fusednorm::cpu::CPU_CAPABILITY {
 namespace {
 
-// A Welford state: element count, mean and sum of squared deviations from the mean.
+// Group statistics as Welford states with exact int64 counts (welford.h).
 template <typename acc_t>
-struct Welford {
-  int64_t count = 0;
-  acc_t mean = 0;
-  acc_t m2 = 0;
-};
-
-// Chan's merge of two states (exact for any split of the data, stable for offset data).
-template <typename acc_t>
-inline Welford<acc_t> merge(const Welford<acc_t>& a, const Welford<acc_t>& b) {
-  if (b.count == 0) return a;
-  if (a.count == 0) return b;
-  const int64_t count = a.count + b.count;
-  const acc_t delta = b.mean - a.mean;
-  const double total = static_cast<double>(count);
-  return {count, a.mean + delta * static_cast<acc_t>(b.count / total),
-          a.m2 + b.m2 +
-              delta * delta * static_cast<acc_t>(static_cast<double>(a.count) * b.count / total)};
-}
+using Welford = fusednorm::Welford<acc_t, int64_t>;
 
 // State of p[0, len) - shift, len <= kChunk: the chunk's mean, then the squared deviations from
 // it (the second pass reads L1). Statistics are kept relative to a shift, an element of the
@@ -137,8 +121,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
   if (one_task_per_group(NG)) {
     at::parallel_for(0, NG, 1, [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
-        Welford<acc_t> state;
-        for (int64_t k = 0; k < chunks; ++k) state = merge(state, stats_of_chunk(ng, k));
+        Welford<acc_t> state{0, 0, 0};
+        for (int64_t k = 0; k < chunks; ++k) state = welford_merge(state, stats_of_chunk(ng, k));
         finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
         const int64_t n = ng / ctx.G, g = ng % ctx.G;
         for (int64_t c = g * ctx.CPG; c < (g + 1) * ctx.CPG; ++c) apply_row<ACT>(ctx, n, c);
@@ -151,8 +135,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
     for (int64_t i = begin; i < end; ++i) states[i] = stats_of_chunk(i / chunks, i % chunks);
   });
   for (int64_t ng = 0; ng < NG; ++ng) {
-    Welford<acc_t> state;
-    for (int64_t k = 0; k < chunks; ++k) state = merge(state, states[ng * chunks + k]);
+    Welford<acc_t> state{0, 0, 0};
+    for (int64_t k = 0; k < chunks; ++k) state = welford_merge(state, states[ng * chunks + k]);
     finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
   }
   const int64_t grain = std::max<int64_t>(1, kChunk / ctx.S);
@@ -218,8 +202,8 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
             squares += m2[g * CPG + c];
             spread += (means[c] - mean) * (means[c] - mean);
           }
-          group_states[g] = merge(group_states[g],
-                                  Welford<acc_t>{rows * CPG, mean,
+          group_states[g] = welford_merge(group_states[g],
+                                          Welford<acc_t>{rows * CPG, mean,
                                                  squares + static_cast<acc_t>(rows) * spread});
         }
       }
@@ -227,9 +211,9 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   });
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t g = 0; g < G; ++g) {
-      Welford<acc_t> state;
+      Welford<acc_t> state{0, 0, 0};
       for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
-        state = merge(state, states[(n * tiling.tasks_per_n + t) * G + g]);
+        state = welford_merge(state, states[(n * tiling.tasks_per_n + t) * G + g]);
       }
       finish_stats(state, shift_of(n, g), ctx.eps, ctx.mean + n * G + g, ctx.rstd + n * G + g);
     }

@@ -13,12 +13,17 @@ namespace fusednorm::cpu {
 
 enum class Dtype { kFloat, kDouble, kHalf, kBFloat16 };
 
-struct ForwardArgs {
+// What both directions are given about the problem.
+struct ProblemArgs {
   Dtype dtype;
   int64_t N, C, S, G;
   bool channels_last;
   int64_t activation;
-  double slope, eps;
+  double slope;
+};
+
+struct ForwardArgs : ProblemArgs {
+  double eps;
   const void* x;
   void* y;
   const void* weight;       // (C,) gamma
@@ -29,12 +34,7 @@ struct ForwardArgs {
   void* rstd;               // out (N, G)
 };
 
-struct BackwardArgs {
-  Dtype dtype;
-  int64_t N, C, S, G;
-  bool channels_last;
-  int64_t activation;
-  double slope;
+struct BackwardArgs : ProblemArgs {
   const void* grad;         // dL/dy, in x's layout
   const void* x;
   void* dx;                 // out, in x's layout

@@ -108,29 +108,16 @@ at::Tensor launch_backward(const Problem& p, int64_t activation, double slope, d
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max() &&
                   p.N * p.G <= std::numeric_limits<int32_t>::max(),
               "fusednorm::backward: N * C = ", p.N * p.C, " exceeds the CUDA grid");
-  // int32 indices only with headroom: grid-stride loops step past the last element.
-  const bool index_64 = x.numel() > std::numeric_limits<int32_t>::max() / 2;
+  const bool index_64 = needs_index_64(x);
   at::Tensor grads;
   const auto dtype = x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusednorm_backward", [&] {
     FUSEDNORM_DISPATCH_ACTIVATION(activation, [&] {
-      auto run = [&](auto channels_last, auto index) {
+      dispatch_layout_and_index(p, index_64, [&](auto channels_last, auto index) {
         grads = backward_typed<kAct, decltype(channels_last)::value, scalar_t, decltype(index)>(
             p, slope, proxy_eps, proxy, has_proxy_bias, has_proxy_weight, grad, x, dx, mean, rstd,
             weight, bias, proxy_bias, proxy_weight, samples, proxy_scale);
-      };
-      auto with_index = [&](auto channels_last) {
-        if (index_64) {
-          run(channels_last, int64_t{});
-        } else {
-          run(channels_last, int32_t{});
-        }
-      };
-      if (p.channels_last) {
-        with_index(std::true_type{});
-      } else {
-        with_index(std::false_type{});
-      }
+      });
     });
   });
   return grads;

@@ -76,27 +76,14 @@ void launch_forward(const Problem& p, int64_t activation, double slope, double e
                     const at::Tensor& proxy_scale, const at::Tensor& mean, const at::Tensor& rstd) {
   TORCH_CHECK(p.N * p.G <= std::numeric_limits<int32_t>::max(),
               "fusednorm::forward: N * G = ", p.N * p.G, " exceeds the CUDA grid");
-  // int32 indices only with headroom: grid-stride loops step past the last element.
-  const bool index_64 = x.numel() > std::numeric_limits<int32_t>::max() / 2;
+  const bool index_64 = needs_index_64(x);
   const auto dtype = x.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "fusednorm_forward", [&] {
     FUSEDNORM_DISPATCH_ACTIVATION(activation, [&] {
-      auto run = [&](auto channels_last, auto index) {
+      dispatch_layout_and_index(p, index_64, [&](auto channels_last, auto index) {
         forward_typed<kAct, decltype(channels_last)::value, scalar_t, decltype(index)>(
             p, slope, eps, x, y, weight, bias, proxy_mean, proxy_scale, mean, rstd);
-      };
-      auto with_index = [&](auto channels_last) {
-        if (index_64) {
-          run(channels_last, int64_t{});
-        } else {
-          run(channels_last, int32_t{});
-        }
-      };
-      if (p.channels_last) {
-        with_index(std::true_type{});
-      } else {
-        with_index(std::false_type{});
-      }
+      });
     });
   });
 }

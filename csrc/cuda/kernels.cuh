@@ -1,5 +1,5 @@
 // CUDA kernels of fusednorm: the algorithm of the CPU kernels and of
-// kernels/group_norm_proxy_act.py (pn-math.md), with warp/block reductions.
+// kernels/group_norm_proxy_act.py (docs/pn-math.md), with warp/block reductions.
 //
 // The input is seen as (N, C, S): memory (N, C, S), or (N, S, C) when channels_last (a
 // channels-last input, or any input with S = 1). acc_t is float (double for double input).
@@ -23,6 +23,7 @@
 
 #include "../activations.h"
 #include "../proxy.h"
+#include "../welford.h"
 
 namespace fusednorm::cuda {
 
@@ -31,22 +32,6 @@ constexpr int kBlock = 256;  // threads of every 1-D reduction block (block_* be
 constexpr int kTileC = 32;   // channels-last partials: channels per block (one warp wide) ...
 constexpr int kTileRows = 8;  // ... and rows of S reduced side by side
 
-// A Welford state; plain data so that it can live in shared memory.
-template <typename acc_t>
-struct Welford {
-  acc_t count, mean, m2;
-};
-
-// Chan's merge: exact for any split of the data, stable for offset data.
-template <typename acc_t>
-__device__ __forceinline__ Welford<acc_t> merge(const Welford<acc_t>& a, const Welford<acc_t>& b) {
-  const acc_t count = a.count + b.count;
-  if (count == acc_t(0)) return a;
-  const acc_t weight_b = b.count / count;
-  const acc_t delta = b.mean - a.mean;
-  return {count, a.mean + delta * weight_b, a.m2 + b.m2 + delta * delta * a.count * weight_b};
-}
-
 template <typename acc_t>
 __device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> s) {
 #pragma unroll
@@ -54,7 +39,7 @@ __device__ __forceinline__ Welford<acc_t> warp_merge(Welford<acc_t> s) {
     const Welford<acc_t> other{__shfl_down_sync(0xffffffffu, s.count, offset),
                                __shfl_down_sync(0xffffffffu, s.mean, offset),
                                __shfl_down_sync(0xffffffffu, s.m2, offset)};
-    s = merge(s, other);
+    s = welford_merge(s, other);
   }
   return s;
 }
@@ -110,15 +95,6 @@ __device__ __forceinline__ acc_t inverse_std(acc_t m2, acc_t count, acc_t eps) {
 // ---------------------------------------------------------------------------------------------
 // Proxy statistics
 // ---------------------------------------------------------------------------------------------
-// u_k = sqrt(2) erfinv(2 (k + 0.5) / K - 1), in double (CUDA's erfinv), stored as acc_t.
-template <typename acc_t>
-__global__ void proxy_samples_kernel(acc_t* samples, int64_t K) {
-  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k < K) {
-    samples[k] = static_cast<acc_t>(1.4142135623730951 * erfinv(2.0 * (k + 0.5) / K - 1.0));
-  }
-}
-
 // One thread per channel: m_c and s_c = 1 / sqrt(v_c + proxy_eps).
 template <int ACT, typename acc_t>
 __global__ void proxy_stats_kernel(const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
@@ -186,7 +162,7 @@ __global__ void stats_combine_kernel(const acc_t* __restrict__ part_count,
   if (ng >= NG) return;
   Welford<acc_t> s{0, 0, 0};
   for (int64_t i = ng * splits; i < (ng + 1) * splits; ++i) {
-    s = merge(s, Welford<acc_t>{part_count[i], part_mean[i], part_m2[i]});
+    s = welford_merge(s, Welford<acc_t>{part_count[i], part_mean[i], part_m2[i]});
   }
   mean[ng] = s.mean;
   rstd[ng] = inverse_std(s.m2, s.count, eps);

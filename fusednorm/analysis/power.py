@@ -1,4 +1,4 @@
-"""The power decomposition of activations (pn-math.md, last section; the paper's Eq. 5), taken
+"""The power decomposition of activations (docs/pn-math.md, last section; the paper's Eq. 5), taken
 where the paper takes it: at the output of each normalization step, before affine and activation."""
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.norms import BatchNormProxyAct
-from ..modules import GroupNormAct, GroupNormProxyAct
+from ..modules import BatchNormProxyAct, GroupNormAct, GroupNormProxyAct
 
 TERMS = ("(E_n mu_c)^2", "Var_n mu_c", "(E_n sigma_c)^2", "Var_n sigma_c")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
