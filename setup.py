@@ -36,11 +36,13 @@ CPU_SOURCES = [
     "csrc/cpu/fusednorm_cpu.cpp",
     "csrc/cpu/forward.cpp",
     "csrc/cpu/backward.cpp",
+    "csrc/cpu/proxy_kernels.cpp",
 ]
 CUDA_SOURCES = ["csrc/cuda/fusednorm_cuda.cu", "csrc/cuda/forward.cu", "csrc/cuda/backward.cu"]
 # Compiled again for each x86-64 instruction set below, picked at run time (ATen's scheme):
 # one binary that runs everywhere and uses AVX2/AVX-512 where the CPU has them.
-PER_CAPABILITY_SOURCES = ["csrc/cpu/forward.cpp", "csrc/cpu/backward.cpp"]
+PER_CAPABILITY_SOURCES = ["csrc/cpu/forward.cpp", "csrc/cpu/backward.cpp",
+                          "csrc/cpu/proxy_kernels.cpp"]
 CPU_CAPABILITY_FLAGS = {  # the flags ATen compiles its own AVX2/AVX512 kernels with
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],

@@ -73,3 +73,7 @@ def forward_matches_its_op(provider_name, case, forward, inputs, params, grad_y)
     expected_grads = torch.autograd.grad(expected, [x, *expected_params], grad_y)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
+
+
+def test_results_go_to_the_repository_results_folder():
+    assert cases.RESULTS_DIR == Path(__file__).resolve().parent / "results"

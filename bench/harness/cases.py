@@ -10,7 +10,7 @@ import torch
 
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # bench/harness/cases.py -> the repository
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

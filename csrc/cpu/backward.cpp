@@ -125,7 +125,8 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
   using acc_t = acc_type<scalar_t>;
   const int64_t NG = ctx.N * ctx.G, CPG = ctx.CPG;
   if (one_task_per_group(NG)) {
-    at::parallel_for(0, NG, 1, [&](int64_t begin, int64_t end) {
+    parallel_phase("fusednorm_cpu::backward_partials_and_dx", 0, NG, 1,
+                   [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / ctx.G, g = ng % ctx.G;
         for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) row_partials<ACT, PROXY>(ctx, n, c);
@@ -136,14 +137,15 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
     return;
   }
   const int64_t rows = ctx.N * ctx.C, grain = std::max<int64_t>(1, kChunk / ctx.S);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::backward_partials", 0, rows, grain,
+                 [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       row_partials<ACT, PROXY>(ctx, row / ctx.C, row % ctx.C);
     }
   });
   std::vector<std::pair<acc_t, acc_t>> sums(NG);
   for (int64_t ng = 0; ng < NG; ++ng) sums[ng] = ctx.group_sums(ng);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::backward_dx", 0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / ctx.C, c = row % ctx.C;
       const auto [sa, sb] = sums[n * ctx.G + c / CPG];
@@ -178,7 +180,8 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
 
   // Raw sums per task and channel: kSums planes of P, summed per block of rows, then per task.
   std::vector<acc_t> task_sums(tasks * kSums * P);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::backward_partials_channels_last", 0, tasks, 1,
+                 [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mean(P, 0), a1(P, 0), block(kSums * P);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tasks_per_n;
@@ -218,7 +221,8 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     }
   });
   // Per (n, c): the tasks' sums in task order.
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::backward_partials_reduce_channels_last", 0, N, 1,
+                 [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t c = 0; c < C; ++c) {
         acc_t sums[4] = {0, 0, 0, 0};
@@ -231,7 +235,8 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     }
   });
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::backward_dx_channels_last", 0, tasks, 1,
+                 [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mean(P, 0), a1(P, 0), k1(P, 0), k2(P, 0), k3(P, 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tasks_per_n;

@@ -119,7 +119,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
                        shift_of(ng));
   };
   if (one_task_per_group(NG)) {
-    at::parallel_for(0, NG, 1, [&](int64_t begin, int64_t end) {
+    parallel_phase("fusednorm_cpu::forward_stats_and_apply", 0, NG, 1,
+                   [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
         Welford<acc_t> state{0, 0, 0};
         for (int64_t k = 0; k < chunks; ++k) state = welford_merge(state, stats_of_chunk(ng, k));
@@ -131,7 +132,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
     return;
   }
   std::vector<Welford<acc_t>> states(NG * chunks);
-  at::parallel_for(0, NG * chunks, 1, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::forward_stats", 0, NG * chunks, 1,
+                 [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) states[i] = stats_of_chunk(i / chunks, i % chunks);
   });
   for (int64_t ng = 0; ng < NG; ++ng) {
@@ -140,7 +142,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
     finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
   }
   const int64_t grain = std::max<int64_t>(1, kChunk / ctx.S);
-  at::parallel_for(0, ctx.N * ctx.C, grain, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::forward_apply", 0, ctx.N * ctx.C, grain,
+                 [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) apply_row<ACT>(ctx, row / ctx.C, row % ctx.C);
   });
 }
@@ -162,7 +165,8 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   // to a shift per (n, g), the group's first element (see chunk_stats).
   auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
   std::vector<Welford<acc_t>> states(tasks * G);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::forward_stats_channels_last", 0, tasks, 1,
+                 [&](int64_t begin, int64_t end) {
     std::vector<acc_t> shift(P, 0), sum(P), m2(P);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tasks_per_n;
@@ -227,7 +231,8 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     out_offset[c] = ctx.out_offset(c);
   }
   const Vec slope(ctx.slope);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_phase("fusednorm_cpu::forward_apply_channels_last", 0, tasks, 1,
+                 [&](int64_t begin, int64_t end) {
     std::vector<acc_t> mean(P, 0), a1(P, 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tasks_per_n;

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -11,7 +12,6 @@
 
 #include "../activations.h"
 #include "../common.h"
-#include "../proxy.h"
 #include "kernels.h"
 
 namespace fusednorm::cpu {
@@ -20,21 +20,29 @@ namespace {
 struct Kernels {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
+  void (*proxy_stats)(const ProxyArgs&);
+  void (*proxy_grads)(const ProxyArgs&);
   const char* capability;
 };
+
+#define FUSEDNORM_KERNELS_OF(CAPABILITY)                                                     \
+  Kernels {                                                                                  \
+    CAPABILITY::forward, CAPABILITY::backward, CAPABILITY::proxy_stats,                      \
+        CAPABILITY::proxy_grads, #CAPABILITY                                                 \
+  }
 
 const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string capability = at::get_cpu_capability();
 #ifdef FUSEDNORM_HAVE_AVX512
-    if (capability == "AVX512") return Kernels{AVX512::forward, AVX512::backward, "AVX512"};
+    if (capability == "AVX512") return FUSEDNORM_KERNELS_OF(AVX512);
 #endif
 #ifdef FUSEDNORM_HAVE_AVX2
     if (capability == "AVX2" || capability == "AVX512") {
-      return Kernels{AVX2::forward, AVX2::backward, "AVX2"};
+      return FUSEDNORM_KERNELS_OF(AVX2);
     }
 #endif
-    return Kernels{DEFAULT::forward, DEFAULT::backward, "DEFAULT"};
+    return FUSEDNORM_KERNELS_OF(DEFAULT);
   }();
   return chosen;
 }
@@ -53,77 +61,85 @@ ProblemArgs problem_args(const Problem& p, const at::Tensor& x, int64_t activati
   return {kernel_dtype(x.scalar_type()), p.N, p.C, p.S, p.G, p.channels_last, activation, slope};
 }
 
+ProxyArgs proxy_args(const Params& params, int64_t activation, double slope, double proxy_eps,
+                     const at::Tensor& samples) {
+  ProxyArgs args{};
+  args.is_double = params.weight.scalar_type() == at::kDouble;
+  args.C = params.weight.size(0);
+  args.K = samples.size(0);
+  args.activation = activation;
+  args.slope = slope;
+  args.proxy_eps = proxy_eps;
+  args.weight = params.weight.const_data_ptr();
+  args.bias = params.bias.const_data_ptr();
+  args.proxy_bias = params.proxy_bias.const_data_ptr();
+  args.proxy_weight = params.proxy_weight.const_data_ptr();
+  args.samples = samples.const_data_ptr();
+  return args;
+}
+
 // Per-channel proxy mean m_c and scale s_c = 1 / sqrt(v_c + proxy_eps).
 std::pair<at::Tensor, at::Tensor> proxy_statistics(const Params& params, int64_t activation,
                                                    double slope, double proxy_eps,
                                                    int64_t num_samples) {
-  const int64_t C = params.weight.size(0);
   at::Tensor mean = at::empty_like(params.weight), scale = at::empty_like(params.weight);
-  const at::Tensor& samples = proxy_samples(num_samples, params.weight.options());
-  AT_DISPATCH_FLOATING_TYPES(params.weight.scalar_type(), "fusednorm_proxy_statistics", [&] {
-    using acc_t = scalar_t;
-    const acc_t* u = samples.const_data_ptr<acc_t>();
-    const acc_t* w = params.weight.data_ptr<acc_t>();
-    const acc_t* b = params.bias.data_ptr<acc_t>();
-    const acc_t* pb = params.proxy_bias.data_ptr<acc_t>();
-    const acc_t* pw = params.proxy_weight.data_ptr<acc_t>();
-    acc_t* m = mean.data_ptr<acc_t>();
-    acc_t* s = scale.data_ptr<acc_t>();
-    FUSEDNORM_DISPATCH_ACTIVATION(activation, [&] {
-      at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          acc_t var;
-          proxy_moments<kAct>(w[c], b[c], pb[c], pw[c], u, num_samples,
-                              static_cast<acc_t>(slope), m[c], var);
-          s[c] = acc_t(1) / std::sqrt(var + static_cast<acc_t>(proxy_eps));
-        }
-      });
-    });
-  });
+  ProxyArgs args = proxy_args(params, activation, slope, proxy_eps,
+                              proxy_samples(num_samples, params.weight.options()));
+  args.proxy_mean = mean.mutable_data_ptr();
+  args.proxy_scale = scale.mutable_data_ptr();
+  kernels().proxy_stats(args);
   return {mean, scale};
 }
 
-// (4, C): dgamma, dbeta, dbeta~, dgamma~ from the (N, C, 4) partials, reduced over n in order.
+// (4, C): dgamma, dbeta, dbeta~, dgamma~ from the (N, C, 4) partials, reduced over n in order,
+// plus (with PN) the proxy terms, given the proxy statistics of the forward's parameters.
 at::Tensor parameter_gradients(const at::Tensor& partials, const Params& params, bool proxy,
                                bool has_proxy_bias, bool has_proxy_weight, int64_t activation,
-                               double slope, double proxy_eps, int64_t num_samples) {
+                               double slope, double proxy_eps, int64_t num_samples,
+                               const at::Tensor& proxy_mean, const at::Tensor& proxy_scale) {
+  RECORD_FUNCTION("fusednorm_cpu::parameter_gradients", c10::ArrayRef<const c10::IValue>{});
   const int64_t N = partials.size(0), C = partials.size(1);
+  // Rows dweight (sum B), dbias (sum A), D, E; with PN rows 2 and 3 become the proxy gradients.
   at::Tensor grads = at::empty({4, C}, partials.options());
-  const at::Tensor samples = proxy ? proxy_samples(num_samples, partials.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "fusednorm_parameter_gradients", [&] {
     using acc_t = scalar_t;
-    const acc_t* u = proxy ? samples.const_data_ptr<acc_t>() : nullptr;
-    const acc_t* part = partials.data_ptr<acc_t>();
-    const acc_t* w = params.weight.data_ptr<acc_t>();
-    const acc_t* b = params.bias.data_ptr<acc_t>();
-    const acc_t* pb = params.proxy_bias.data_ptr<acc_t>();
-    const acc_t* pw = params.proxy_weight.data_ptr<acc_t>();
-    acc_t* out = grads.data_ptr<acc_t>();
-    FUSEDNORM_DISPATCH_ACTIVATION(activation, [&] {
-      at::parallel_for(0, C, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          acc_t sum_a = 0, sum_b = 0, sum_d = 0, sum_e = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            const acc_t* p = part + (n * C + c) * 4;
-            sum_a += p[0];
-            sum_b += p[1];
-            sum_d += p[2];
-            sum_e += p[3];
-          }
-          acc_t dweight = sum_b, dbias = sum_a, dproxy_bias = 0, dproxy_weight = 0;
-          if (proxy) {
-            proxy_backward<kAct>(w[c], b[c], pb[c], pw[c], u, num_samples,
-                                 static_cast<acc_t>(slope), static_cast<acc_t>(proxy_eps), sum_d,
-                                 sum_e, dweight, dbias, dproxy_bias, dproxy_weight);
-          }
-          out[c] = dweight;
-          out[C + c] = dbias;
-          out[2 * C + c] = has_proxy_bias ? dproxy_bias : acc_t(0);
-          out[3 * C + c] = has_proxy_weight ? dproxy_weight : acc_t(0);
+    const acc_t* part = partials.const_data_ptr<acc_t>();
+    acc_t* out = grads.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        acc_t sum_a = 0, sum_b = 0, sum_d = 0, sum_e = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          const acc_t* p = part + (n * C + c) * 4;
+          sum_a += p[0];
+          sum_b += p[1];
+          sum_d += p[2];
+          sum_e += p[3];
         }
-      });
+        out[c] = sum_b;
+        out[C + c] = sum_a;
+        out[2 * C + c] = sum_d;
+        out[3 * C + c] = sum_e;
+      }
     });
   });
+  if (!proxy) {
+    grads.narrow(0, 2, 2).zero_();
+    return grads;
+  }
+  const at::Tensor sums = grads.narrow(0, 2, 2).clone();  // D_c, E_c: read while rows 2-3 change
+  ProxyArgs args = proxy_args(params, activation, slope, proxy_eps,
+                              proxy_samples(num_samples, params.weight.options()));
+  args.proxy_mean = const_cast<void*>(proxy_mean.const_data_ptr());
+  args.proxy_scale = const_cast<void*>(proxy_scale.const_data_ptr());
+  args.sum_d = sums[0].const_data_ptr();
+  args.sum_e = sums[1].const_data_ptr();
+  args.dweight = grads[0].mutable_data_ptr();
+  args.dbias = grads[1].mutable_data_ptr();
+  args.dproxy_bias = grads[2].mutable_data_ptr();
+  args.dproxy_weight = grads[3].mutable_data_ptr();
+  kernels().proxy_grads(args);
+  if (!has_proxy_bias) grads[2].zero_();
+  if (!has_proxy_weight) grads[3].zero_();
   return grads;
 }
 
@@ -166,12 +182,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
                        num_groups, activation, num_proxy_samples, proxy);
   const Problem& p = call.p;
   at::Tensor partials = at::zeros({p.N, p.C, 4}, call.acc_options);
+  at::Tensor proxy_mean, proxy_scale;
+  if (proxy) {
+    std::tie(proxy_mean, proxy_scale) =
+        proxy_statistics(call.params, activation, slope, proxy_eps, num_proxy_samples);
+  }
   if (call.x.numel() > 0) {
-    at::Tensor proxy_scale;
-    if (proxy) {
-      proxy_scale =
-          proxy_statistics(call.params, activation, slope, proxy_eps, num_proxy_samples).second;
-    }
     BackwardArgs args;
     static_cast<ProblemArgs&>(args) = problem_args(p, call.x, activation, slope);
     args.grad = call.grad.const_data_ptr();
@@ -188,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   const at::Tensor grads =
       parameter_gradients(partials, call.params, proxy, proxy_bias.has_value(),
                           proxy_weight.has_value(), activation, slope, proxy_eps,
-                          num_proxy_samples);
+                          num_proxy_samples, proxy_mean, proxy_scale);
   return backward_outputs(call.dx, grads, weight, bias, proxy_bias, proxy_weight);
 }
 

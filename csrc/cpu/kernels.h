@@ -46,10 +46,34 @@ struct BackwardArgs : ProblemArgs {
   void* partials;           // out (N, C, 4): sum_s g_z, g_z*xhat, g, g*a (the last two with PN)
 };
 
+// The per-channel proxy computations (proxy_kernels.cpp), in the accumulation dtype. proxy_stats
+// reads the parameters and samples and writes proxy_mean/proxy_scale; proxy_grads also reads
+// them and sum_d/sum_e, adds the proxy terms to dweight/dbias and writes dproxy_*.
+struct ProxyArgs {
+  bool is_double;  // double (fp64 input), else float
+  int64_t C, K, activation;
+  double slope, proxy_eps;
+  const void* weight;        // (C,) gamma
+  const void* bias;          // (C,) beta
+  const void* proxy_bias;    // (C,) beta~ (zeros when absent)
+  const void* proxy_weight;  // (C,) gamma~ (zeros when absent)
+  const void* samples;       // (K,) u_k
+  void* proxy_mean;          // (C,) m_c: out of proxy_stats, in to proxy_grads
+  void* proxy_scale;         // (C,) s_c: likewise
+  const void* sum_d;         // (C,) D_c = sum_n D_nc (proxy_grads only)
+  const void* sum_e;         // (C,) E_c
+  void* dweight;             // (C,) in/out: += sum_k h X
+  void* dbias;               // (C,) in/out: += sum_k h
+  void* dproxy_bias;         // (C,) out
+  void* dproxy_weight;       // (C,) out
+};
+
 #define FUSEDNORM_DECLARE_CPU_KERNELS(CAPABILITY)  \
   namespace CAPABILITY {                           \
   void forward(const ForwardArgs& args);           \
   void backward(const BackwardArgs& args);         \
+  void proxy_stats(const ProxyArgs& args);         \
+  void proxy_grads(const ProxyArgs& args);         \
   }
 
 FUSEDNORM_DECLARE_CPU_KERNELS(DEFAULT)

@@ -11,6 +11,7 @@
 #endif
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -186,6 +187,15 @@ inline typename Vec::value_type lane_sum(const Vec& v) {
 }
 
 // One task per group does both passes when the groups keep every thread busy with balanced work.
+// at::parallel_for as a named phase of the torch.profiler trace (tools/cpu_phases.py reads them);
+// without an active profiler the record is a thread-local check.
+template <typename F>
+inline void parallel_phase(const char* name, int64_t begin, int64_t end, int64_t grain,
+                           const F& f) {
+  RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{});
+  at::parallel_for(begin, end, grain, f);
+}
+
 inline bool one_task_per_group(int64_t groups) {
   const int64_t threads = at::get_num_threads();
   return groups % threads == 0 || groups >= 4 * threads;
