@@ -161,18 +161,21 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   };
 
   // Statistics: per block of rows, each channel's mean and squared deviations (two passes over
-  // the block in L1), merged into the groups' states, which are merged over blocks. All relative
-  // to a shift per (n, g), the group's first element (see chunk_stats).
+  // the block in L1), merged per channel over the blocks of a task, then into the groups' states,
+  // which are merged over tasks. All relative to a shift per (n, g), the group's first element
+  // (see chunk_stats).
   auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
   std::vector<Welford<acc_t>> states(tasks * G);
   parallel_phase("fusednorm_cpu::forward_stats_channels_last", 0, tasks, 1,
                  [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> shift(P, 0), sum(P), m2(P);
+    std::vector<acc_t> shift(P, 0), sum(P), m2(P), task_mean(P), task_m2(P);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n = task / tiling.tasks_per_n;
       for (int64_t c = 0; c < C; ++c) shift[c] = shift_of(n, c / CPG);
       const auto [first, last] = task_rows(task);
-      Welford<acc_t>* group_states = states.data() + task * G;
+      std::fill(task_mean.begin(), task_mean.end(), acc_t(0));
+      std::fill(task_m2.begin(), task_m2.end(), acc_t(0));
+      int64_t task_count = 0;
       for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
         const int64_t rows = std::min(tiling.block_rows, last - s0);
         const scalar_t* block = ctx.x + (n * S + s0) * C;
@@ -196,20 +199,35 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
             at::vec::fmadd(d, d, Vec::loadu(m2.data() + off)).store(m2.data() + off);
           });
         }
-        // The group's state over this block from its channels' states (equal counts).
-        for (int64_t g = 0; g < G; ++g) {
-          const acc_t* means = sum.data() + g * CPG;
-          acc_t mean = 0, squares = 0, spread = 0;
-          for (int64_t c = 0; c < CPG; ++c) mean += means[c];
-          mean /= static_cast<acc_t>(CPG);
-          for (int64_t c = 0; c < CPG; ++c) {
-            squares += m2[g * CPG + c];
-            spread += (means[c] - mean) * (means[c] - mean);
-          }
-          group_states[g] = welford_merge(group_states[g],
-                                          Welford<acc_t>{rows * CPG, mean,
-                                                 squares + static_cast<acc_t>(rows) * spread});
+        // Chan's merge of the block into the task's per-channel states, every channel at once
+        // (they all have the same count): vector work per block, whatever C is.
+        const int64_t total = task_count + rows;
+        const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
+        const Vec weight_ab(static_cast<acc_t>(task_count) * weight_b);
+        for (int64_t off = 0; off < P; off += Vec::size()) {
+          const Vec mean_a = Vec::loadu(task_mean.data() + off);
+          const Vec delta = Vec::loadu(sum.data() + off) - mean_a;
+          at::vec::fmadd(delta, weight_b, mean_a).store(task_mean.data() + off);
+          at::vec::fmadd(delta * delta, weight_ab,
+                         Vec::loadu(task_m2.data() + off) + Vec::loadu(m2.data() + off))
+              .store(task_m2.data() + off);
         }
+        task_count = total;
+      }
+      // Each group's state over this task from its channels' states (equal counts): once per
+      // task, not per block.
+      Welford<acc_t>* group_states = states.data() + task * G;
+      for (int64_t g = 0; g < G; ++g) {
+        const acc_t* means = task_mean.data() + g * CPG;
+        acc_t mean = 0, squares = 0, spread = 0;
+        for (int64_t c = 0; c < CPG; ++c) mean += means[c];
+        mean /= static_cast<acc_t>(CPG);
+        for (int64_t c = 0; c < CPG; ++c) {
+          squares += task_m2[g * CPG + c];
+          spread += (means[c] - mean) * (means[c] - mean);
+        }
+        group_states[g] = Welford<acc_t>{task_count * CPG, mean,
+                                         squares + static_cast<acc_t>(task_count) * spread};
       }
     }
   });
