@@ -1,6 +1,7 @@
 """Batch independence, shown: GN+PN under DistributedDataParallel on 2 CPU processes (gloo) gives
 the outputs and gradients of one process on the whole batch; BatchNorm does not."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -59,9 +60,23 @@ def worker(rank, store_path, result_dir):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ddp")
-    mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    """Each rank's outputs and gradients. A worker killed by a signal (once in CI: gloo's C++
+    teardown called std::terminate, "terminate called without an active exception") is not what
+    this test is about: if every rank saved its results first they are used, else the run is
+    repeated once; either way with a warning. Python errors in a worker still fail the test."""
+    for attempt in range(2):
+        tmp = tmp_path_factory.mktemp("ddp")
+        try:
+            mp.spawn(worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD_SIZE, join=True)
+        except mp.ProcessExitedException as error:
+            saved = all((tmp / f"rank{r}.pt").exists() for r in range(WORLD_SIZE))
+            warnings.warn(f"DDP worker died ({error}); attempt {attempt + 1}, results "
+                          f"{'saved before it' if saved else 'missing'}")
+            if not saved:
+                if attempt == 1:
+                    raise
+                continue
+        return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD_SIZE)]
 
 
 def single_process(norm):
