@@ -40,6 +40,7 @@ from fusednorm.models import NORMS, resnet_v2
 
 DATASETS = ("mnist5k", "digits")
 BASE_BATCH = 64  # the batch size at which --lr applies as given
+TRAIN_FRACTION = 0.8  # of each dataset; the rest is the validation split
 
 
 def load_dataset(name, train_size=None):
@@ -54,7 +55,6 @@ def load_dataset(name, train_size=None):
         images, labels = mnist_data()
         x = torch.tensor(images, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
         y = torch.tensor(labels, dtype=torch.int64)
-        train_fraction = 0.8
     elif name == "digits":
         try:
             from sklearn.datasets import load_digits
@@ -63,11 +63,10 @@ def load_dataset(name, train_size=None):
         digits = load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.tensor(digits.target, dtype=torch.int64)
-        train_fraction = 0.8
     else:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    split = int(train_fraction * len(y))
+    split = int(TRAIN_FRACTION * len(y))
     train, val = order[:split], order[split:]
     if train_size is not None:
         train = train[:train_size]
@@ -238,7 +237,8 @@ def main(argv=None):
             for norm in args.norms]
     runs = []
     if args.jobs == 1:
-        torch.set_num_threads(args.threads if args.device == "cpu" else torch.get_num_threads())
+        if args.device == "cpu":
+            torch.set_num_threads(args.threads)
         results = (train_one(*job, data, args) for job in jobs)
         pool = None
     else:

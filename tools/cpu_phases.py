@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import fusednorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from harness.timing import keep_freed_cpu_memory  # noqa: E402  (the benchmark's allocator setting)
+from harness.timing import Timer, copy_bandwidth_gbps, keep_freed_cpu_memory  # noqa: E402
 
 STAGES = ((256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7))
 PHASE_PREFIX = "fusednorm_cpu::"
@@ -37,17 +37,6 @@ PHASE_PREFIX = "fusednorm_cpu::"
 def fwd_bwd(forward, x, params, grad):
     y = forward(x)
     return torch.autograd.grad(y, [x, *params], grad)
-
-
-def copy_gbps(repeats=20):
-    src = torch.randn(64 * 2**20 // 4)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
 def providers(groups, channels):
@@ -106,7 +95,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     allocator = keep_freed_cpu_memory()
-    bandwidth = copy_gbps()
+    device = torch.device("cpu")
+    bandwidth = copy_bandwidth_gbps(device, Timer(device), warmup=3, repeats=args.repeats)
     lines = [f"CPU phases, fp32 forward+backward, GN+PN (ReLU), batch {args.batch}, "
              f"{torch.get_num_threads()} threads, fusednorm {fusednorm._C.cpu_capability()} "
              f"kernels; {allocator or 'default allocator'}; copy bandwidth {bandwidth:.1f} GB/s; ms per call (phases: profiler "

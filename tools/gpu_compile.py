@@ -201,6 +201,7 @@ class CompileOnlyDriver:
 # Running the launchers
 # ----------------------------------------------------------------------------------------------
 def _inputs(case: Case, torch):
+    from fusednorm.layout import accumulation_dtype
     from fusednorm.proxy import proxy_samples
 
     dtype, param_dtype = getattr(torch, case.dtype), getattr(torch, case.param_dtype)
@@ -218,8 +219,7 @@ def _inputs(case: Case, torch):
     bias = torch.zeros(channels, dtype=param_dtype)
     proxy_bias = torch.zeros(channels, dtype=param_dtype) if has_proxy_bias else None
     proxy_weight = torch.zeros(channels, dtype=param_dtype) if has_proxy_weight else None
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    samples = proxy_samples(200, dtype=acc, device="cpu")
+    samples = proxy_samples(200, dtype=accumulation_dtype(dtype), device="cpu")
     return x, weight, bias, proxy_bias, proxy_weight, samples, pn
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from fusednorm.activations import RELU
+from fusednorm.layout import accumulation_dtype
 from fusednorm.kernels import group_norm_proxy_act as kernels
 
 # (name, shape, groups): the ResNet-50 stages at batch 32 with G=32, 8 and 1, diffusion
@@ -41,8 +42,7 @@ def plans(shape, groups, dtype=torch.bfloat16, proxy=True, channels_last=False):
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
     channels = shape[1]
     weight = torch.empty(channels, dtype=torch.float32, **meta)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    samples = torch.empty(200, dtype=acc, **meta)
+    samples = torch.empty(200, dtype=accumulation_dtype(dtype), **meta)
     args = (weight, weight, weight, weight, samples, groups, RELU, 0.01)
     forward = kernels.forward_plan(x, *args, 1e-5, 0.03, proxy)
     _, mean, rstd = forward.outputs

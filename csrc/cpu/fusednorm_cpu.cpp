@@ -7,10 +7,8 @@
 #include <ATen/record_function.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <string>
 
-#include "../activations.h"
 #include "../common.h"
 #include "kernels.h"
 
@@ -129,8 +127,8 @@ at::Tensor parameter_gradients(const at::Tensor& partials, const Params& params,
   const at::Tensor sums = grads.narrow(0, 2, 2).clone();  // D_c, E_c: read while rows 2-3 change
   ProxyArgs args = proxy_args(params, activation, slope, proxy_eps,
                               proxy_samples(num_samples, params.weight.options()));
-  args.proxy_mean = const_cast<void*>(proxy_mean.const_data_ptr());
-  args.proxy_scale = const_cast<void*>(proxy_scale.const_data_ptr());
+  args.proxy_mean = proxy_mean.mutable_data_ptr();
+  args.proxy_scale = proxy_scale.mutable_data_ptr();
   args.sum_d = sums[0].const_data_ptr();
   args.sum_e = sums[1].const_data_ptr();
   args.dweight = grads[0].mutable_data_ptr();
