@@ -31,6 +31,7 @@ if importlib.util.find_spec("triton") is None:
 
 CPU_SOURCES = [
     "csrc/fusednorm.cpp",
+    "csrc/autograd.cpp",
     "csrc/common.cpp",
     "csrc/proxy.cpp",
     "csrc/cpu/fusednorm_cpu.cpp",

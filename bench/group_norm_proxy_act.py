@@ -1,23 +1,26 @@
 """Benchmark fused GroupNorm + affine + activation + Proxy Normalization against its baselines.
 
     python bench/group_norm_proxy_act.py            # everything this machine can run
-    python bench/group_norm_proxy_act.py --quick    # a CPU run of a few minutes
+    python bench/group_norm_proxy_act.py --quick    # the CPU preset (~5 min on 2 cores)
 
 Providers: every fusednorm backend that can run here (triton and cuda on CUDA tensors, cpu on CPU
 tensors), the eager reference GN+PN and its torch.compile, native F.group_norm + activation
 (eager and compiled), and training-mode BatchNorm + activation (eager and compiled). A provider
 that cannot run is listed with the reason and left out.
 
-Timing: CUDA events (on CUDA) or time.perf_counter (on CPU) around each repeat, with the caches
+Timing: CUDA events (on CUDA) or time.perf_counter (on CPU) around each call, with the caches
 flushed before it as triton.testing.do_bench does, after warm-up calls (the first of which
-compiles); reported as the median with p20/p80. On CPU, freed memory stays in the process (see
+compiles). The providers and modes of a case are interleaved: each round of repeats times every
+one of them once, in a rotating order. Reported: the median with p20/p80, and the minimum; then,
+per case, which provider is fastest and where each fused provider trails a baseline. On CPU, freed memory stays in the process (see
 keep_freed_cpu_memory) so that timings do not depend on which page faults glibc happens to take.
 "fwd" is a training forward (inputs require grad), "bwd" times autograd on a graph built once
 outside the timing, "fwd+bwd" both. Effective bandwidth is against the roofline bytes of
 docs/pn-math.md (2T forward, 3T backward, 5T both; T = bytes of x), also as a fraction of the measured
 copy bandwidth. "saved/T" is the bytes of the unique storages the forward saves for backward / T.
 
-Writes a table to stdout and <device>[-quick]-<date>.csv/.json/.png under bench/results/.
+Writes a table to stdout and <device>[-quick]-<date>.csv/.json/.md/.png under bench/results/
+(the .md is the README table of the run).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from harness.cases import (DTYPES, LAYOUTS, MODES, RESULTS_DIR, ROOFLINE_FACTOR,
     make_cases, make_inputs)  # noqa: E402
 from harness.providers import PROVIDERS  # noqa: E402
 from harness.report import (Result, comma_list, cpu_model, device_slug, metadata, plot,
-    results_table, speedup_table, write_csv)  # noqa: E402
+    readme_table, results_table, speedup_table, wins_report, write_csv)  # noqa: E402
 from harness.timing import (Timer, copy_bandwidth_gbps, keep_freed_cpu_memory, peak_memory_bytes,
     saved_bytes, timed_call)  # noqa: E402
 
@@ -59,34 +62,63 @@ def environment(settings):
                 os.environ[name] = value
 
 
-def measure_provider(provider, case, inputs, dtype_name, layout, args, timer, copy_gbps):
-    """The results of every mode of one provider on one case."""
-    with environment(provider.env):
-        return _measure_provider(provider, case, inputs, dtype_name, layout, args, timer,
-                                 copy_gbps)
-
-
-def _measure_provider(provider, case, inputs, dtype_name, layout, args, timer, copy_gbps):
+def measure_case(case, inputs, providers, dtype_name, layout, args, timer, copy_gbps,
+                 failed) -> list[Result]:
+    """Every mode of every provider on one case, interleaved: each round of repeats times every
+    (provider, mode) once, in an order rotated by one each round, so that a slow spell of a
+    shared machine falls on all providers alike rather than on whichever ran then."""
     x = inputs.x
     t_bytes = x.numel() * x.element_size()
     grad_y = torch.randn_like(x)  # x's layout
-    forward, params = provider.build(case, inputs)
+    calls, forwards = {}, {}
+    for provider in providers:
+        try:
+            with environment(provider.env):
+                forward, params = provider.build(case, inputs)
+                fns = {mode: timed_call(mode, forward, x, params, grad_y) for mode in args.modes}
+                for fn in fns.values():
+                    for _ in range(args.warmup):  # the first call compiles, where a provider does
+                        fn()
+        except Exception as error:  # one failing provider/case must not end the run
+            report_failure(failed, provider, case, dtype_name, layout, error)
+            continue
+        forwards[provider.name] = forward
+        calls.update({(provider, mode): fn for mode, fn in fns.items()})
+    times = {key: [] for key in calls}
+    keys = list(calls)
+    for round_index in range(args.repeats):
+        shift = round_index % len(keys) if keys else 0
+        for provider, mode in keys[shift:] + keys[:shift]:
+            if (provider, mode) not in times:
+                continue
+            try:
+                with environment(provider.env):
+                    times[provider, mode].append(timer.once(calls[provider, mode]))
+            except Exception as error:
+                report_failure(failed, provider, case, dtype_name, layout, error)
+                for key in [k for k in times if k[0] is provider]:
+                    del times[key]
     results = []
-    for mode in args.modes:
-        fn = timed_call(mode, forward, x, params, grad_y)
-        times = timer(fn, args.warmup, args.repeats)
-        peak = peak_memory_bytes(fn) / 2**20 if x.is_cuda else None
-        del fn  # frees the graph the backward-only mode retains
-        ms, p20, p80 = (float(t) for t in np.percentile(times, [50, 20, 80]))
+    for (provider, mode), measured in times.items():
+        peak = peak_memory_bytes(calls[provider, mode]) / 2**20 if x.is_cuda else None
+        ms, p20, p80 = (float(t) for t in np.percentile(measured, [50, 20, 80]))
         gbps = ROOFLINE_FACTOR[mode] * t_bytes / (ms * 1e-3) / 1e9
         results.append(Result(case.shape_set, case.shape_text, case.op_text, dtype_name, layout,
-                              mode, provider.name, ms, p20, p80, gbps, gbps / copy_gbps,
-                              float("nan"), peak))
+                              mode, provider.name, ms, p20, p80, float(min(measured)), gbps,
+                              gbps / copy_gbps, float("nan"), peak))
+    calls.clear()  # frees the graphs the backward-only calls retain
     # After the timing, so that compilation happens outside the hooks.
-    saved_over_t = saved_bytes(forward, x) / t_bytes
     for result in results:
-        result.saved_over_t = saved_over_t
+        with environment(PROVIDERS[result.provider].env):
+            result.saved_over_t = saved_bytes(forwards[result.provider], x) / t_bytes
     return results
+
+
+def report_failure(failed, provider, case, dtype_name, layout, error) -> None:
+    label = f"{case.shape_text} {case.op_text} {dtype_name} {layout} {provider.name}"
+    reason = f"{type(error).__name__}: {str(error).split(chr(10))[0][:200]}"
+    print(f"  {label}: FAILED {reason}", flush=True)
+    failed.append({"provider": provider.name, "case": label, "reason": reason})
 
 
 def run(args, device, providers, skipped) -> tuple[list[Result], float]:
@@ -100,21 +132,13 @@ def run(args, device, providers, skipped) -> tuple[list[Result], float]:
             for case in cases:
                 torch._dynamo.reset()  # static shapes per case; no recompile limit across cases
                 inputs = make_inputs(case, DTYPES[dtype_name], layout, device)
-                for provider in providers:
-                    label = (f"{case.shape_text} {case.op_text} {dtype_name} {layout} "
-                             f"{provider.name}")
-                    try:
-                        measured = measure_provider(provider, case, inputs, dtype_name, layout,
-                                                    args, timer, copy_gbps)
-                    except Exception as error:  # one failing provider/case must not end the run
-                        reason = f"{type(error).__name__}: {str(error).split(chr(10))[0][:200]}"
-                        print(f"  {label}: FAILED {reason}", flush=True)
-                        skipped.append({"provider": provider.name, "case": label,
-                                        "reason": reason})
-                        continue
-                    results += measured
-                    print(f"  {label}: " + ", ".join(f"{r.mode} {r.ms:.3f} ms" for r in measured),
-                          flush=True)
+                measured = measure_case(case, inputs, providers, dtype_name, layout, args, timer,
+                                        copy_gbps, skipped)
+                results += measured
+                for mode in args.modes:
+                    print(f"  {case.shape_text} {case.op_text} {dtype_name} {layout} {mode}: "
+                          + ", ".join(f"{r.provider} {r.ms:.3f}" for r in measured
+                                      if r.mode == mode) + " ms", flush=True)
     add_speedups(results, providers)
     return results, copy_gbps
 
@@ -138,10 +162,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="CPU preset of a few minutes: the four ResNet-50 stage shapes at "
-                             "batch 8, fp32, both layouts, all modes, providers fusednorm-cpu, "
-                             "reference, reference-compiled, native-gn, batchnorm; explicit "
-                             "flags override it")
+                        help="CPU preset (~5 min on 2 cores): the four ResNet-50 stage shapes "
+                             "at batch 8 with G=8 and G=1, fp32, both layouts, all modes, "
+                             "providers fusednorm-cpu, reference, reference-compiled, native-gn, "
+                             "batchnorm; explicit flags override it")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available (default: auto, cpu with --quick)")
     parser.add_argument("--shape-sets", type=comma_list(SHAPE_SETS),
@@ -166,7 +190,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     if args.quick:
-        preset = dict(device="cpu", shape_sets=["resnet"], dtypes=["fp32"],
+        preset = dict(device="cpu", shape_sets=["resnet", "layernorm"], dtypes=["fp32"],
                       providers=["fusednorm-cpu", "reference", "reference-compiled", "native-gn",
                                  "batchnorm"])
         for name, value in preset.items():
@@ -228,6 +252,8 @@ def main(argv=None) -> None:
     if speedups:
         print("\nspeedup of each fusednorm provider (baseline ms / fusednorm ms)")
         print(speedups)
+    print("\nwhere each provider wins (medians)")
+    print(wins_report(results, providers))
     for entry in skipped:
         if entry["case"] == "all":
             print(f"skipped {entry['provider']}: {entry['reason']}")
@@ -239,13 +265,14 @@ def main(argv=None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     meta = metadata(args, device, copy_gbps, skipped, load_at_start, cpu_allocator)
     write_csv(args.output_dir / f"{stem}.csv", results)
+    (args.output_dir / f"{stem}.md").write_text(readme_table(results, meta) + "\n")
     (args.output_dir / f"{stem}.json").write_text(json.dumps(
         {"meta": meta, "results": [dataclasses.asdict(r) for r in results]}, indent=1) + "\n")
     cpus = f" ({meta['cpu_count']} CPUs)" if device.type == "cpu" else ""
     plot(args.output_dir / f"{stem}.png", results, copy_gbps,
          f"fusednorm GN+act+PN on {meta['device_name']}{cpus}, torch {torch.__version__}, "
          f"{meta['date'][:10]}")
-    print(f"\nwrote {args.output_dir / stem}.csv, .json, .png")
+    print(f"\nwrote {args.output_dir / stem}.csv, .json, .md (the README table), .png")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ against the eager reference of that op (GN+PN or GN+act; batch norm + act for Ba
 The torch.compile providers are left out (compiling takes longer than the whole suite may);
 fusednorm-cpu is skipped, with the reason, when the C++ CPU kernel is not built.
 """
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from fusednorm import reference
 from fusednorm.activations import native_activation
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
-from harness import cases, providers, timing  # noqa: E402
+from harness import cases, providers, report, timing  # noqa: E402
 
 CPU = torch.device("cpu")
 PROVIDERS = ["fusednorm-cpu", "reference", "native-gn", "batchnorm"]
@@ -77,3 +79,54 @@ def forward_matches_its_op(provider_name, case, forward, inputs, params, grad_y)
 
 def test_results_go_to_the_repository_results_folder():
     assert cases.RESULTS_DIR == Path(__file__).resolve().parent / "results"
+
+
+def _result(provider, ms, shape="8x64x7x7", mode="fwd+bwd"):
+    return report.Result("resnet", shape, "G=8 relu+PN", "fp32", "nchw", mode, provider, ms,
+                         ms, ms, ms, 1.0, 0.5, 1.0, None)
+
+
+META = {"settings": {"repeats": 5}, "device_name": "test CPU", "torch_threads": 2,
+        "torch_version": "0", "copy_bandwidth_gbps": 2.0}
+
+
+def test_readme_table_bolds_only_what_beats_every_native_baseline():
+    results = [_result("fusednorm-cpu", 1.0), _result("native-gn", 1.5), _result("batchnorm", 2.0),
+               _result("fusednorm-cpu", 1.0, shape="8x64x14x14"),
+               _result("native-gn", 0.9, shape="8x64x14x14"),
+               _result("batchnorm", 2.0, shape="8x64x14x14")]
+    rows = report.readme_table(results, META).splitlines()[4:]
+    assert rows[0].startswith("| 8×64×7×7 |") and "**1.00 (" in rows[0]
+    assert rows[1].startswith("| 8×64×14×14 |") and "**" not in rows[1] and "| 0.90 |" in rows[1]
+
+
+def test_wins_report_names_the_fastest_and_where_a_fused_provider_trails():
+    results = [_result("fusednorm-cpu", 1.0), _result("native-gn", 1.5),
+               _result("fusednorm-cpu", 1.0, shape="8x64x14x14"),
+               _result("native-gn", 0.8, shape="8x64x14x14")]
+    fused = [providers.PROVIDERS["fusednorm-cpu"], providers.PROVIDERS["native-gn"]]
+    text = report.wins_report(results, fused)
+    assert "8x64x7x7 G=8 relu+PN fp32 nchw fwd+bwd: fastest fusednorm-cpu" in text
+    assert "fusednorm-cpu 1.50x vs native-gn" in text
+    assert "fastest native-gn 0.800 ms; fusednorm-cpu 0.80x vs native-gn" in text
+    assert "fusednorm-cpu trails a baseline in 1 of 2 cases" in text
+
+
+def test_readme_benchmark_table_is_regenerated_from_the_committed_run():
+    """The CPU table in the README is the .md the benchmark wrote for the run it names, and that
+    run's JSON regenerates it."""
+    readme = (cases.REPO_ROOT / "README.md").read_text()
+    match = re.search(r"<!-- benchmark table: (bench/results/\S+)\.json -->\n(.*?)\n<!-- end -->",
+                      readme, re.S)
+    assert match, "README.md lacks the marked benchmark table"
+    run = json.loads((cases.REPO_ROOT / f"{match.group(1)}.json").read_text())
+    results = [report.Result(**r) for r in run["results"]]
+    assert match.group(2).strip() == report.readme_table(results, run["meta"]).strip()
+    assert (cases.REPO_ROOT / f"{match.group(1)}.md").read_text().strip() == match.group(2).strip()
+
+
+def test_interleaved_timer_times_single_calls():
+    timer = timing.Timer(CPU)
+    calls = []
+    ms = timer.once(lambda: calls.append(1))
+    assert calls == [1] and ms >= 0

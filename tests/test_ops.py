@@ -48,6 +48,32 @@ def test_saves_only_input_and_group_statistics(fused_backend):
     assert activation_bytes <= x.numel() * x.element_size() + 2 * 4 * 4 * 4
 
 
+def test_autograd_of_the_op(fused_backend):
+    """The op's autograd (C++ for the extension, Python for Triton): mean/rstd never require
+    grad, no graph under no_grad, and gradients only for the inputs that require them, equal to
+    those of the same call with every input requiring grad."""
+    backend, device = fused_backend
+    x, params = make_inputs((2, 8, 5, 3), dtype=torch.float32, device=device)
+    args = _forward_args(x, params, True)
+    with torch.no_grad():
+        assert not any(t.requires_grad for t in ops.forward_op(backend)(*args))
+    y, mean, rstd = ops.forward_op(backend)(*args)
+    assert y.requires_grad and not mean.requires_grad and not rstd.requires_grad
+    grad_y = torch.randn_like(y)
+    full = torch.autograd.grad(y, [x, *(params[k] for k in ("weight", "bias", "proxy_bias",
+                                                             "proxy_weight"))], grad_y)
+    x_only = x.detach().requires_grad_()
+    frozen = {k: v.detach() for k, v in params.items()}
+    y_x, _, _ = ops.forward_op(backend)(*_forward_args(x_only, frozen, True))
+    (dx,) = torch.autograd.grad(y_x, [x_only], grad_y)
+    torch.testing.assert_close(dx, full[0], rtol=0, atol=0)
+    bias_only = params["bias"].detach().requires_grad_()
+    y_b, _, _ = ops.forward_op(backend)(*_forward_args(x.detach(), dict(frozen, bias=bias_only),
+                                                       True))
+    (dbias,) = torch.autograd.grad(y_b, [bias_only], grad_y)
+    torch.testing.assert_close(dbias, full[2], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_compile_fullgraph_functional(backend):
     device = triton_device() if backend == "triton" else "cpu"

@@ -35,6 +35,7 @@ class Result:
     ms: float
     ms_p20: float
     ms_p80: float
+    ms_min: float
     gbps: float  # roofline bytes / median time
     copy_fraction: float  # gbps / measured copy bandwidth
     saved_over_t: float
@@ -71,11 +72,11 @@ def format_table(headers, results: list[Result], cells, group_key=Result.case_ke
 
 
 def results_table(results: list[Result]) -> str:
-    headers = ["shape", "op", "dtype", "layout", "mode", "provider", "ms", "p20", "p80", "GB/s",
-               "copy%", "saved/T", "peak MB"]
+    headers = ["shape", "op", "dtype", "layout", "mode", "provider", "ms", "p20", "p80", "min",
+               "GB/s", "copy%", "saved/T", "peak MB"]
     return format_table(headers, results, lambda r: [
         r.shape, r.op, r.dtype, r.layout, r.mode, r.provider, f"{r.ms:.3f}", f"{r.ms_p20:.3f}",
-        f"{r.ms_p80:.3f}", f"{r.gbps:.2f}", f"{100 * r.copy_fraction:.1f}",
+        f"{r.ms_p80:.3f}", f"{r.ms_min:.3f}", f"{r.gbps:.2f}", f"{100 * r.copy_fraction:.1f}",
         f"{r.saved_over_t:.2f}", "-" if r.peak_mb is None else f"{r.peak_mb:.1f}"])
 
 
@@ -90,6 +91,71 @@ def speedup_table(results: list[Result]) -> Optional[str]:
         r.shape, r.op, r.dtype, r.layout, r.mode, r.provider,
         *(f"{r.speedup_over[b]:.2f}x" if b in r.speedup_over else "-" for b in baselines)],
         group_key=lambda r: r.case_key()[:-1])
+
+
+def wins_report(results: list[Result], providers) -> str:
+    """Per case and mode, the fastest provider by median and, for each fused provider, its ratio
+    to the fastest baseline (> 1: ahead); then, per fused provider, the cases where it trails."""
+    fused = [p.name for p in providers if p.fused]
+    by_case = {}
+    for r in display_order(results):
+        by_case.setdefault(r.case_key(), []).append(r)
+    lines, trails = [], {name: [] for name in fused}
+    for key, group in by_case.items():
+        label = " ".join(key[1:])
+        fastest = min(group, key=lambda r: r.ms)
+        baselines = [r for r in group if r.provider not in fused]
+        text = f"{label}: fastest {fastest.provider} {fastest.ms:.3f} ms"
+        if baselines:
+            best = min(baselines, key=lambda r: r.ms)
+            for r in group:
+                if r.provider in fused:
+                    ratio = best.ms / r.ms
+                    text += f"; {r.provider} {ratio:.2f}x vs {best.provider}"
+                    if ratio < 1:
+                        trails[r.provider].append(f"{label} ({ratio:.2f}x vs {best.provider})")
+        lines.append(text)
+    for name, cases in trails.items():
+        if name in {r.provider for r in results}:
+            lines.append(f"{name} trails a baseline in {len(cases)} of {len(by_case)} cases"
+                         + (":\n  " + "\n  ".join(cases) if cases else ""))
+    return "\n".join(lines)
+
+
+def readme_table(results: list[Result], meta: dict, mode: str = "fwd+bwd") -> str:
+    """The README's benchmark table: ``mode`` medians per case (rows) and provider (columns); a
+    fused provider's cell adds its GB/s against the roofline and the fraction of the measured
+    copy bandwidth, in bold where it is faster than every native baseline that ran (native-gn,
+    batchnorm). Regenerated from a results JSON by the benchmark (``<run>.md``) and checked
+    against the README by bench/test_bench_group_norm_proxy_act.py."""
+    rows = [r for r in display_order(results) if r.mode == mode]
+    providers = [name for name in PROVIDERS if any(r.provider == name for r in rows)]
+    natives = [name for name in ("native-gn", "batchnorm") if name in providers]
+    cases = {}
+    for r in rows:
+        cases.setdefault((r.shape, r.op, r.dtype, r.layout), {})[r.provider] = r
+    lines = [f"{mode} ms, median of {meta['settings']['repeats']} interleaved repeats, on "
+             f"{meta['device_name']} ({meta['torch_threads']} threads), torch "
+             f"{meta['torch_version']}; copy bandwidth {meta['copy_bandwidth_gbps']:.1f} GB/s",
+             "",
+             "| shape | op | dtype | layout | " + " | ".join(providers) + " |",
+             "|---" * (4 + len(providers)) + "|"]
+    for (shape, op, dtype, layout), by_provider in cases.items():
+        cells = []
+        for name in providers:
+            r = by_provider.get(name)
+            if r is None:
+                cells.append("-")
+            elif PROVIDERS[name].fused:
+                cell = f"{r.ms:.2f} ({r.gbps:.1f} GB/s, {100 * r.copy_fraction:.0f}%)"
+                ahead = natives and all(n in by_provider and r.ms < by_provider[n].ms
+                                        for n in natives)
+                cells.append(f"**{cell}**" if ahead else cell)
+            else:
+                cells.append(f"{r.ms:.2f}")
+        lines.append(f"| {shape.replace('x', '×')} | {op} | {dtype} | {layout} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def git_commit() -> dict:
@@ -137,7 +203,9 @@ def metadata(args, device, copy_gbps, skipped, load_at_start, cpu_allocator) -> 
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "timing": ("CUDA events" if device.type == "cuda" else "time.perf_counter")
-                  + " per repeat, caches flushed before each; median, p20, p80 after warm-up",
+                  + " per call, caches flushed before each; providers and modes of a case "
+                    "interleaved (one call each per round, rotating order); median, p20, p80, min "
+                    "after warm-up",
         # 1/5/15-minute load averages: other processes disturb CPU timings (and GPU launches).
         "load_average_at_start": load_at_start,
         "cpu_allocator": cpu_allocator or "default",

@@ -31,13 +31,22 @@ class Timer:
             fn()
         if self.device.type == "cuda":
             return self._cuda_times(fn, repeats)
-        times = []
-        for _ in range(repeats):
-            self.cache_flush.zero_()
-            start = time.perf_counter()
+        return [self.once(fn) for _ in range(repeats)]
+
+    def once(self, fn) -> float:
+        """Milliseconds of one call after a cache flush (the interleaved benchmark times its
+        providers one call at a time, in turn)."""
+        self.cache_flush.zero_()
+        if self.device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return times
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
 
     def _cuda_times(self, fn, repeats):
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]

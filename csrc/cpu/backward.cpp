@@ -3,13 +3,14 @@
 // gradients are finished from the partials in fusednorm_cpu.cpp. Compiled once per instruction
 // set (see vec_utils.h).
 //
-// Contiguous input: per row (n, c), in fixed 4096-element pieces; one task per group does both
-// passes when the groups keep every thread busy (the second pass then reads L2), else the
-// passes run one after the other over rows: the same sums either way. Channels-last input: row
-// tasks of one n with per-channel accumulators, reduced over tasks in a fixed order.
+// Contiguous input: per row (n, c); rows of up to 4096 elements a vector-width of rows at a
+// time, their horizontal sums in one tree (short rows), longer rows in fixed 4096-element
+// pieces. One task per group does both passes when the groups keep every thread busy (the
+// second pass then reads L2), else the passes run one after the other over rows: the same sums
+// either way. Channels-last input: tasks of rows of one n, in strips of channels whose sums and
+// constants stay in registers down the rows (vec_utils.h), reduced over tasks in a fixed order.
 #include "vec_utils.h"
 
-#include <array>
 #include <utility>
 #include <vector>
 
@@ -42,13 +43,15 @@ struct BackwardContext {
 
   acc_t out_scale(int64_t c) const { return proxy_scale ? proxy_scale[c] : acc_t(1); }
 
-  // Partials of row (n, c) from the raw sums sum g*act', sum g*act'*(x - mean), sum g, sum g*a:
-  // A = s_c * sum g*act', B = s_c * rstd * sum g*act'*(x - mean) (= sum g_z * xhat).
-  void store_partials(int64_t n, int64_t c, acc_t gp, acc_t gpd, acc_t g, acc_t ga) const {
+  // Partials of row (n, c) of group ng from the raw sums sum g*act', sum g*act'*(x - mean),
+  // sum g, sum g*a: A = s_c * sum g*act', B = s_c * rstd * sum g*act'*(x - mean)
+  // (= sum g_z * xhat).
+  void store_partials(int64_t ng, int64_t n, int64_t c, acc_t gp, acc_t gpd, acc_t g,
+                      acc_t ga) const {
     const acc_t scale = out_scale(c);
     acc_t* out = partials + (n * C + c) * 4;
     out[0] = scale * gp;
-    out[1] = scale * rstd[n * G + c / CPG] * gpd;
+    out[1] = scale * rstd[ng] * gpd;
     out[2] = g;
     out[3] = ga;
   }
@@ -64,54 +67,128 @@ struct BackwardContext {
     return {sa, sb};
   }
 
-  // dx = k1 * g * act'(z) + k2 * (x - mean) + k3, i.e. rstd * (gamma g_z - SA/M - xhat SB/M).
-  std::array<acc_t, 3> dx_coefficients(int64_t ng, int64_t c, acc_t sa, acc_t sb) const {
+  // dx = k1 * g * act'(z) + k2 * (x - mean) + k3, i.e. rstd * (gamma g_z - SA/M - xhat SB/M):
+  // k2 and k3 are the group's, k1 the channel's.
+  std::pair<acc_t, acc_t> dx_group_coefficients(int64_t ng, acc_t sa, acc_t sb) const {
     const acc_t r = rstd[ng], inv_m = acc_t(1) / static_cast<acc_t>(CPG * S);
-    return {r * weight[c] * out_scale(c), -r * r * sb * inv_m, -r * sa * inv_m};
+    return {-r * r * sb * inv_m, -r * sa * inv_m};
+  }
+  acc_t dx_channel_coefficient(int64_t ng, int64_t c) const {
+    return rstd[ng] * weight[c] * out_scale(c);
   }
 };
 
-// Raw sums of row (n, c), contiguous input: in kChunk pieces, each summed in vectors.
+// Vector sums over a piece of row (n, c) of group ng: sum g*act', sum g*act'*(x - mean) and,
+// with PN, sum g, sum g*a (lanes past the data add zeros).
+template <typename Vec>
+struct PieceSums {
+  Vec gp{0}, gpd{0}, g{0}, ga{0};
+};
+
 template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void row_partials(const BackwardContext<scalar_t>& ctx, int64_t n, int64_t c) {
+C10_ALWAYS_INLINE PieceSums<Vectorized<acc_t>> piece_sums(const BackwardContext<scalar_t>& ctx,
+                                                          int64_t ng, int64_t c, int64_t offset,
+                                                          int64_t len) {
   using Vec = Vectorized<acc_t>;
-  const int64_t ng = n * ctx.G + c / ctx.CPG, offset = (n * ctx.C + c) * ctx.S;
   const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]), slope(ctx.slope);
-  acc_t total_gp = 0, total_gpd = 0, total_g = 0, total_ga = 0;
-  for (int64_t k = 0; k < ctx.S; k += kChunk) {
-    Vec gp_sum(0), gpd_sum(0), g_sum(0), ga_sum(0);
-    reduce2(ctx.x + offset + k, ctx.grad + offset + k, std::min(kChunk, ctx.S - k),
-            [&](const Vec& xv, const Vec& gv, int64_t valid, int64_t) {
-              const Vec d = xv - mean;
-              const Vec z = at::vec::fmadd(d, a1, b);
-              Vec gp = gv * act_grad_vec<ACT>(z, slope);
-              if (valid < Vec::size()) gp = Vec::set(Vec(0), gp, valid);
-              gp_sum += gp;
-              gpd_sum = at::vec::fmadd(gp, d, gpd_sum);
-              if constexpr (PROXY) {
-                Vec ga = gv * act_value_vec<ACT>(z, slope);
-                if (valid < Vec::size()) ga = Vec::set(Vec(0), ga, valid);
-                g_sum += gv;
-                ga_sum += ga;
-              }
-            });
-    total_gp += lane_sum(gp_sum);
-    total_gpd += lane_sum(gpd_sum);
-    if constexpr (PROXY) {
-      total_g += lane_sum(g_sum);
-      total_ga += lane_sum(ga_sum);
-    }
-  }
-  ctx.store_partials(n, c, total_gp, total_gpd, total_g, total_ga);
+  PieceSums<Vec> sums;
+  reduce2(ctx.x + offset, ctx.grad + offset, len,
+          [&](const Vec& xv, const Vec& gv, int64_t valid, int64_t) {
+            const Vec d = xv - mean;
+            const Vec z = at::vec::fmadd(d, a1, b);
+            Vec gp = gv * act_grad_vec<ACT>(z, slope);
+            if (valid < Vec::size()) gp = Vec::set(Vec(0), gp, valid);
+            sums.gp += gp;
+            sums.gpd = at::vec::fmadd(gp, d, sums.gpd);
+            if constexpr (PROXY) {
+              Vec ga = gv * act_value_vec<ACT>(z, slope);
+              if (valid < Vec::size()) ga = Vec::set(Vec(0), ga, valid);
+              sums.g += gv;
+              sums.ga += ga;
+            }
+          });
+  return sums;
 }
 
-template <int ACT, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void dx_row(const BackwardContext<scalar_t>& ctx, int64_t n, int64_t c, acc_t sa, acc_t sb) {
+// Raw sums of a long row (S > kChunk) (n, c) of group ng: in kChunk pieces, each summed in
+// vectors, then into scalar totals.
+template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void long_row_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c) {
+  const int64_t offset = (n * ctx.C + c) * ctx.S;
+  acc_t gp = 0, gpd = 0, g = 0, ga = 0;
+  for (int64_t k = 0; k < ctx.S; k += kChunk) {
+    const auto sums =
+        piece_sums<ACT, PROXY>(ctx, ng, c, offset + k, std::min(kChunk, ctx.S - k));
+    gp += lane_sum(sums.gp);
+    gpd += lane_sum(sums.gpd);
+    if constexpr (PROXY) {
+      g += lane_sum(sums.g);
+      ga += lane_sum(sums.ga);
+    }
+  }
+  ctx.store_partials(ng, n, c, gp, gpd, g, ga);
+}
+
+// Raw sums of the rows c0 .. c0 + count - 1 (count <= lanes of a vector) of sample n, all in
+// group ng, rows of S <= kChunk elements: each row summed in vectors, then the lanes of all the
+// rows at once (lane_sums): short rows (7x7: 49 elements) spend as long in horizontal sums as
+// in the data otherwise.
+template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void short_rows_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n,
+                         int64_t c0, int64_t count) {
   using Vec = Vectorized<acc_t>;
-  const int64_t ng = n * ctx.G + c / ctx.CPG, offset = (n * ctx.C + c) * ctx.S;
-  const auto [k1, k2, k3] = ctx.dx_coefficients(ng, c, sa, sb);
+  constexpr int64_t kLanes = Vec::size();
+  // Row i's vector sums at [i * kLanes, (i + 1) * kLanes) of each plane.
+  alignas(64) acc_t planes[4][kLanes * kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) {
+    PieceSums<Vec> sums;  // zeros for the rows past count
+    if (i < count) {
+      sums = piece_sums<ACT, PROXY>(ctx, ng, c0 + i, (n * ctx.C + c0 + i) * ctx.S, ctx.S);
+    }
+    sums.gp.store(planes[0] + i * kLanes);
+    sums.gpd.store(planes[1] + i * kLanes);
+    sums.g.store(planes[2] + i * kLanes);
+    sums.ga.store(planes[3] + i * kLanes);
+  }
+  alignas(64) acc_t totals[4][kLanes];
+  for (int plane = 0; plane < 4; ++plane) {
+    if (plane < 2 || PROXY) {
+      lane_sums<Vec>(planes[plane]).store(totals[plane]);
+    } else {
+      Vec(0).store(totals[plane]);
+    }
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    ctx.store_partials(ng, n, c0 + i, totals[0][i], totals[1][i], totals[2][i], totals[3][i]);
+  }
+}
+
+// Partials of the rows [begin, end) of (N * C), all in group ng.
+template <int ACT, bool PROXY, typename scalar_t>
+void rows_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t begin,
+                   int64_t end) {
+  using Vec = Vectorized<acc_type<scalar_t>>;
+  const int64_t n = begin / ctx.C;
+  if (ctx.S > kChunk) {
+    for (int64_t row = begin; row < end; ++row) {
+      long_row_partials<ACT, PROXY>(ctx, ng, n, row % ctx.C);
+    }
+    return;
+  }
+  for (int64_t row = begin; row < end; row += Vec::size()) {
+    short_rows_partials<ACT, PROXY>(ctx, ng, n, row % ctx.C,
+                                    std::min<int64_t>(Vec::size(), end - row));
+  }
+}
+
+// dx of row (n, c) of group ng; k2, k3: the group's coefficients (dx_group_coefficients).
+template <int ACT, typename scalar_t, typename acc_t = acc_type<scalar_t>>
+void dx_row(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c, acc_t k2,
+            acc_t k3) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t offset = (n * ctx.C + c) * ctx.S;
   const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]), slope(ctx.slope);
-  const Vec vk1(k1), vk2(k2), vk3(k3);
+  const Vec vk1(ctx.dx_channel_coefficient(ng, c)), vk2(k2), vk3(k3);
   map2(ctx.x + offset, ctx.grad + offset, ctx.dx + offset, ctx.S,
        [&](const Vec& xv, const Vec& gv, int64_t) {
          const Vec d = xv - mean;
@@ -129,9 +206,10 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
                    [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / ctx.G, g = ng % ctx.G;
-        for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) row_partials<ACT, PROXY>(ctx, n, c);
+        rows_partials<ACT, PROXY>(ctx, ng, ng * CPG, (ng + 1) * CPG);
         const auto [sa, sb] = ctx.group_sums(ng);
-        for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) dx_row<ACT>(ctx, n, c, sa, sb);
+        const auto [k2, k3] = ctx.dx_group_coefficients(ng, sa, sb);
+        for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) dx_row<ACT>(ctx, ng, n, c, k2, k3);
       }
     });
     return;
@@ -139,27 +217,50 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
   const int64_t rows = ctx.N * ctx.C, grain = std::max<int64_t>(1, kChunk / ctx.S);
   parallel_phase("fusednorm_cpu::backward_partials", 0, rows, grain,
                  [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      row_partials<ACT, PROXY>(ctx, row / ctx.C, row % ctx.C);
+    // Runs of rows within one group.
+    for (int64_t row = begin; row < end;) {
+      const int64_t ng = row / CPG, run_end = std::min(end, (ng + 1) * CPG);
+      rows_partials<ACT, PROXY>(ctx, ng, row, run_end);
+      row = run_end;
     }
   });
-  std::vector<std::pair<acc_t, acc_t>> sums(NG);
-  for (int64_t ng = 0; ng < NG; ++ng) sums[ng] = ctx.group_sums(ng);
+  std::vector<std::pair<acc_t, acc_t>> coefficients(NG);
+  for (int64_t ng = 0; ng < NG; ++ng) {
+    const auto [sa, sb] = ctx.group_sums(ng);
+    coefficients[ng] = ctx.dx_group_coefficients(ng, sa, sb);
+  }
   parallel_phase("fusednorm_cpu::backward_dx", 0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / ctx.C, c = row % ctx.C;
-      const auto [sa, sb] = sums[n * ctx.G + c / CPG];
-      dx_row<ACT>(ctx, n, c, sa, sb);
+      const int64_t n = row / ctx.C, c = row % ctx.C, ng = n * ctx.G + c / CPG;
+      const auto [k2, k3] = coefficients[ng];
+      dx_row<ACT>(ctx, ng, n, c, k2, k3);
     }
   });
+}
+
+// Channels-last: for each row s in [first, last) of sample n, the strip of channels
+// [c0, c0 + width) of x and grad loaded into xv and gv, then f(offset of the strip's row).
+template <typename scalar_t, typename Vec, typename F>
+C10_ALWAYS_INLINE void for_strip_rows(const BackwardContext<scalar_t>& ctx, int64_t n,
+                                      int64_t first, int64_t last, int64_t c0, int64_t width,
+                                      Vec* xv, Vec* gv, const F& f) {
+  using Strip = ChannelStrip<scalar_t>;
+  for (int64_t s = first; s < last; ++s) {
+    const int64_t offset = (n * ctx.S + s) * ctx.C + c0;
+    Strip::load(ctx.x + offset, width, xv);
+    Strip::load(ctx.grad + offset, width, gv);
+    f(offset);
+  }
 }
 
 template <int ACT, bool PROXY, typename scalar_t>
 void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  using Strip = ChannelStrip<scalar_t>;
+  constexpr int kVecs = Strip::kVecs;
   const int64_t N = ctx.N, C = ctx.C, S = ctx.S, G = ctx.G, CPG = ctx.CPG;
-  const RowTiling tiling(S, C, Io<scalar_t>::kStep);
+  const RowTiling tiling(S, C, Strip::kWidth);
   const int64_t tasks = N * tiling.tasks_per_n, P = tiling.padded_c;
   constexpr int kSums = PROXY ? 4 : 2;
   auto task_rows = [&](int64_t task) {
@@ -171,101 +272,116 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
   const Vec slope(ctx.slope);
   // Per-channel mean and gamma * rstd of sample n, laid out along C like the data.
   auto fill_channel_stats = [&](int64_t n, acc_t* mean, acc_t* a1) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t ng = n * G + c / CPG;
-      mean[c] = ctx.mean[ng];
-      a1[c] = ctx.weight[c] * ctx.rstd[ng];
+    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) {
+      for (int64_t c = (ng - n * G) * CPG; c < (ng - n * G + 1) * CPG; ++c) {
+        mean[c] = ctx.mean[ng];
+        a1[c] = ctx.weight[c] * ctx.rstd[ng];
+      }
     }
   };
 
-  // Raw sums per task and channel: kSums planes of P, summed per block of rows, then per task.
+  // Per-thread buffers: per-channel mean, gamma * rstd and the dx coefficients of one sample.
+  struct Buffers {
+    std::vector<acc_t> mean, a1, k1, k2, k3;
+    explicit Buffers(int64_t P) : mean(P, 0), a1(P, 0), k1(P, 0), k2(P, 0), k3(P, 0) {}
+  };
+
+  // Raw sums per task and channel (kSums planes of P), per strip down the task's rows in
+  // registers. Lanes past C see zero data and zero constants: they sum zeros.
   std::vector<acc_t> task_sums(tasks * kSums * P);
-  parallel_phase("fusednorm_cpu::backward_partials_channels_last", 0, tasks, 1,
-                 [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mean(P, 0), a1(P, 0), block(kSums * P);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiling.tasks_per_n;
-      fill_channel_stats(n, mean.data(), a1.data());
-      acc_t* total = task_sums.data() + task * kSums * P;
-      std::fill(total, total + kSums * P, acc_t(0));
-      const auto [first, last] = task_rows(task);
-      for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
-        std::fill(block.begin(), block.end(), acc_t(0));
-        acc_t* gp_sum = block.data();
-        acc_t* gpd_sum = gp_sum + P;
-        for (int64_t s = s0; s < std::min(last, s0 + tiling.block_rows); ++s) {
-          const int64_t offset = (n * S + s) * C;
-          reduce2(ctx.x + offset, ctx.grad + offset, C,
-                  [&](const Vec& xv, const Vec& gv, int64_t valid, int64_t off) {
-                    const Vec d = xv - Vec::loadu(mean.data() + off);
-                    const Vec z = at::vec::fmadd(d, Vec::loadu(a1.data() + off),
-                                                 Vec::loadu(bias.data() + off));
-                    Vec gp = gv * act_grad_vec<ACT>(z, slope);
-                    if (valid < Vec::size()) gp = Vec::set(Vec(0), gp, valid);
-                    (Vec::loadu(gp_sum + off) + gp).store(gp_sum + off);
-                    at::vec::fmadd(gp, d, Vec::loadu(gpd_sum + off)).store(gpd_sum + off);
-                    if constexpr (PROXY) {
-                      acc_t* g_sum = gp_sum + 2 * P;
-                      acc_t* ga_sum = gp_sum + 3 * P;
-                      Vec ga = gv * act_value_vec<ACT>(z, slope);
-                      if (valid < Vec::size()) ga = Vec::set(Vec(0), ga, valid);
-                      (Vec::loadu(g_sum + off) + gv).store(g_sum + off);
-                      (Vec::loadu(ga_sum + off) + ga).store(ga_sum + off);
-                    }
-                  });
+  auto partials_task = [&](int64_t task, Buffers& buffers) {
+    std::vector<acc_t>& mean = buffers.mean;
+    std::vector<acc_t>& a1 = buffers.a1;
+    const int64_t n = task / tiling.tasks_per_n;
+    fill_channel_stats(n, mean.data(), a1.data());
+    acc_t* total = task_sums.data() + task * kSums * P;
+    const auto [first, last] = task_rows(task);
+    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
+      const int64_t width = std::min(Strip::kWidth, C - c0);
+      Vec vmean[kVecs], va1[kVecs], vbias[kVecs], xv[kVecs], gv[kVecs];
+      Vec gp_sum[kVecs], gpd_sum[kVecs], g_sum[kVecs], ga_sum[kVecs];
+      Strip::load_acc(mean.data() + c0, vmean);
+      Strip::load_acc(a1.data() + c0, va1);
+      Strip::load_acc(bias.data() + c0, vbias);
+      for (int j = 0; j < kVecs; ++j) gp_sum[j] = gpd_sum[j] = g_sum[j] = ga_sum[j] = Vec(0);
+      for_strip_rows(ctx, n, first, last, c0, width, xv, gv, [&](int64_t) {
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec d = xv[j] - vmean[j];
+          const Vec z = at::vec::fmadd(d, va1[j], vbias[j]);
+          const Vec gp = gv[j] * act_grad_vec<ACT>(z, slope);
+          gp_sum[j] += gp;
+          gpd_sum[j] = at::vec::fmadd(gp, d, gpd_sum[j]);
+          if constexpr (PROXY) {
+            g_sum[j] += gv[j];
+            ga_sum[j] = at::vec::fmadd(gv[j], act_value_vec<ACT>(z, slope), ga_sum[j]);
+          }
         }
-        for (int64_t i = 0; i < kSums * P; i += Vec::size()) {
-          (Vec::loadu(total + i) + Vec::loadu(block.data() + i)).store(total + i);
-        }
+      });
+      Strip::store_acc(total + c0, gp_sum);
+      Strip::store_acc(total + P + c0, gpd_sum);
+      if constexpr (PROXY) {
+        Strip::store_acc(total + 2 * P + c0, g_sum);
+        Strip::store_acc(total + 3 * P + c0, ga_sum);
       }
     }
-  });
-  // Per (n, c): the tasks' sums in task order.
-  parallel_phase("fusednorm_cpu::backward_partials_reduce_channels_last", 0, N, 1,
-                 [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
+  };
+  // Per (n, c) of sample n: the tasks' sums in task order.
+  auto reduce_sample = [&](int64_t n) {
+    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) {
+      for (int64_t c = (ng - n * G) * CPG; c < (ng - n * G + 1) * CPG; ++c) {
         acc_t sums[4] = {0, 0, 0, 0};
         for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
           const acc_t* total = task_sums.data() + (n * tiling.tasks_per_n + t) * kSums * P;
           for (int i = 0; i < kSums; ++i) sums[i] += total[i * P + c];
         }
-        ctx.store_partials(n, c, sums[0], sums[1], sums[2], sums[3]);
+        ctx.store_partials(ng, n, c, sums[0], sums[1], sums[2], sums[3]);
       }
     }
-  });
-
-  parallel_phase("fusednorm_cpu::backward_dx_channels_last", 0, tasks, 1,
-                 [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mean(P, 0), a1(P, 0), k1(P, 0), k2(P, 0), k3(P, 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiling.tasks_per_n;
-      fill_channel_stats(n, mean.data(), a1.data());
-      for (int64_t g = 0; g < G; ++g) {
-        const auto [sa, sb] = ctx.group_sums(n * G + g);
-        for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
-          const auto coefficients = ctx.dx_coefficients(n * G + g, c, sa, sb);
-          k1[c] = coefficients[0];
-          k2[c] = coefficients[1];
-          k3[c] = coefficients[2];
+  };
+  auto dx_task = [&](int64_t task, Buffers& buffers) {
+    std::vector<acc_t>& mean = buffers.mean;
+    std::vector<acc_t>& a1 = buffers.a1;
+    std::vector<acc_t>& k1 = buffers.k1;
+    std::vector<acc_t>& k2 = buffers.k2;
+    std::vector<acc_t>& k3 = buffers.k3;
+    const int64_t n = task / tiling.tasks_per_n;
+    fill_channel_stats(n, mean.data(), a1.data());
+    for (int64_t g = 0; g < G; ++g) {
+      const auto [sa, sb] = ctx.group_sums(n * G + g);
+      const auto [group_k2, group_k3] = ctx.dx_group_coefficients(n * G + g, sa, sb);
+      for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
+        k1[c] = ctx.dx_channel_coefficient(n * G + g, c);
+        k2[c] = group_k2;
+        k3[c] = group_k3;
+      }
+    }
+    const auto [first, last] = task_rows(task);
+    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
+      const int64_t width = std::min(Strip::kWidth, C - c0);
+      Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vk1[kVecs], vk2[kVecs], vk3[kVecs];
+      Vec xv[kVecs], gv[kVecs];
+      Strip::load_acc(mean.data() + c0, vmean);
+      Strip::load_acc(a1.data() + c0, va1);
+      Strip::load_acc(bias.data() + c0, vbias);
+      Strip::load_acc(k1.data() + c0, vk1);
+      Strip::load_acc(k2.data() + c0, vk2);
+      Strip::load_acc(k3.data() + c0, vk3);
+      for_strip_rows(ctx, n, first, last, c0, width, xv, gv, [&](int64_t offset) {
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec d = xv[j] - vmean[j];
+          const Vec gp = gv[j] * act_grad_vec<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), slope);
+          xv[j] = at::vec::fmadd(gp, vk1[j], at::vec::fmadd(d, vk2[j], vk3[j]));
         }
-      }
-      const auto [first, last] = task_rows(task);
-      for (int64_t s = first; s < last; ++s) {
-        const int64_t offset = (n * S + s) * C;
-        map2(ctx.x + offset, ctx.grad + offset, ctx.dx + offset, C,
-             [&](const Vec& xv, const Vec& gv, int64_t off) {
-               const Vec d = xv - Vec::loadu(mean.data() + off);
-               const Vec z = at::vec::fmadd(d, Vec::loadu(a1.data() + off),
-                                            Vec::loadu(bias.data() + off));
-               const Vec gp = gv * act_grad_vec<ACT>(z, slope);
-               return at::vec::fmadd(gp, Vec::loadu(k1.data() + off),
-                                     at::vec::fmadd(d, Vec::loadu(k2.data() + off),
-                                                    Vec::loadu(k3.data() + off)));
-             });
-      }
+        Strip::store(ctx.dx + offset, width, xv);
+      });
     }
-  });
+  };
+
+  sample_passes<Buffers>({"fusednorm_cpu::backward_per_sample_channels_last",
+                          "fusednorm_cpu::backward_partials_channels_last",
+                          "fusednorm_cpu::backward_partials_reduce_channels_last",
+                          "fusednorm_cpu::backward_dx_channels_last"},
+                         N, tiling.tasks_per_n, P, partials_task, reduce_sample, dx_task);
 }
 
 template <typename scalar_t>

@@ -10,8 +10,9 @@
 // the same way, so results do not depend on the thread count, and every reduction runs in a
 // fixed order (deterministic, no atomics).
 //
-// Channels-last (N, S, C) input (and any input with S = 1): tasks of whole rows of one n,
-// vectorised along C with per-channel accumulators, reduced over tasks in a fixed order.
+// Channels-last (N, S, C) input (and any input with S = 1): tasks of whole rows of one n, in
+// strips of channels whose per-channel sums and constants stay in registers while the loop runs
+// down the rows (vec_utils.h: ChannelStrip), reduced over tasks in a fixed order.
 #include "vec_utils.h"
 #include "../welford.h"
 
@@ -94,12 +95,11 @@ struct ForwardContext {
   }
 };
 
-// y[0, S) of row (n, c): y = s_c * act((x - mean) * gamma_c * rstd + beta_c) - s_c * m_c.
+// y[0, S) of row (n, c) of group ng: y = s_c * act((x - mean) * gamma_c * rstd + beta_c) - s_c m_c.
 // (x - mean) * (gamma * rstd) rather than a folded A * x + B: no cancellation on offset data.
 template <int ACT, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void apply_row(const ForwardContext<scalar_t>& ctx, int64_t n, int64_t c) {
+void apply_row(const ForwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c) {
   using Vec = Vectorized<acc_t>;
-  const int64_t ng = n * ctx.G + c / ctx.CPG;
   const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]);
   const Vec scale(ctx.out_scale(c)), out_offset(ctx.out_offset(c)), slope(ctx.slope);
   const int64_t offset = (n * ctx.C + c) * ctx.S;
@@ -126,7 +126,7 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
         for (int64_t k = 0; k < chunks; ++k) state = welford_merge(state, stats_of_chunk(ng, k));
         finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
         const int64_t n = ng / ctx.G, g = ng % ctx.G;
-        for (int64_t c = g * ctx.CPG; c < (g + 1) * ctx.CPG; ++c) apply_row<ACT>(ctx, n, c);
+        for (int64_t c = g * ctx.CPG; c < (g + 1) * ctx.CPG; ++c) apply_row<ACT>(ctx, ng, n, c);
       }
     });
     return;
@@ -144,7 +144,10 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
   const int64_t grain = std::max<int64_t>(1, kChunk / ctx.S);
   parallel_phase("fusednorm_cpu::forward_apply", 0, ctx.N * ctx.C, grain,
                  [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) apply_row<ACT>(ctx, row / ctx.C, row % ctx.C);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / ctx.C, c = row % ctx.C;
+      apply_row<ACT>(ctx, n * ctx.G + c / ctx.CPG, n, c);
+    }
   });
 }
 
@@ -152,86 +155,101 @@ template <int ACT, typename scalar_t>
 void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   using acc_t = acc_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  using Strip = ChannelStrip<scalar_t>;
+  constexpr int kVecs = Strip::kVecs;
   const int64_t N = ctx.N, C = ctx.C, S = ctx.S, G = ctx.G, CPG = ctx.CPG;
-  const RowTiling tiling(S, C, Io<scalar_t>::kStep);
+  const RowTiling tiling(S, C, Strip::kWidth);
   const int64_t tasks = N * tiling.tasks_per_n, P = tiling.padded_c;
   auto task_rows = [&](int64_t task) {
     const int64_t first = (task % tiling.tasks_per_n) * tiling.task_rows;
     return std::make_pair(first, std::min(S, first + tiling.task_rows));
   };
 
-  // Statistics: per block of rows, each channel's mean and squared deviations (two passes over
-  // the block in L1), merged per channel over the blocks of a task, then into the groups' states,
-  // which are merged over tasks. All relative to a shift per (n, g), the group's first element
-  // (see chunk_stats).
+  // Statistics, per strip of channels: per block of rows each channel's mean and squared
+  // deviations (two passes over the block in L1, sums in registers), merged per channel over
+  // the blocks of a task (Chan), then into the groups' states, which are merged over tasks. All
+  // relative to a shift per (n, g), the group's first element (see chunk_stats).
   auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
   std::vector<Welford<acc_t>> states(tasks * G);
-  parallel_phase("fusednorm_cpu::forward_stats_channels_last", 0, tasks, 1,
-                 [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> shift(P, 0), sum(P), m2(P), task_mean(P), task_m2(P);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiling.tasks_per_n;
-      for (int64_t c = 0; c < C; ++c) shift[c] = shift_of(n, c / CPG);
-      const auto [first, last] = task_rows(task);
-      std::fill(task_mean.begin(), task_mean.end(), acc_t(0));
-      std::fill(task_m2.begin(), task_m2.end(), acc_t(0));
-      int64_t task_count = 0;
+  // Per-thread buffers of the statistics (shift, task_mean, task_m2) and the apply (mean, a1).
+  struct Buffers {
+    std::vector<acc_t> shift, task_mean, task_m2, mean, a1;
+    explicit Buffers(int64_t P)
+        : shift(P, 0), task_mean(P, 0), task_m2(P, 0), mean(P, 0), a1(P, 0) {}
+  };
+  auto stats_task = [&](int64_t task, Buffers& buffers) {
+    std::vector<acc_t>& shift = buffers.shift;
+    std::vector<acc_t>& task_mean = buffers.task_mean;
+    std::vector<acc_t>& task_m2 = buffers.task_m2;
+    const int64_t n = task / tiling.tasks_per_n;
+    for (int64_t g = 0; g < G; ++g) {
+      std::fill(shift.begin() + g * CPG, shift.begin() + (g + 1) * CPG, shift_of(n, g));
+    }
+    const auto [first, last] = task_rows(task);
+    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
+      const int64_t width = std::min(Strip::kWidth, C - c0);
+      Vec vshift[kVecs], mean[kVecs], m2[kVecs], v[kVecs];
+      Strip::load_acc(shift.data() + c0, vshift);
+      int64_t count = 0;
       for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
         const int64_t rows = std::min(tiling.block_rows, last - s0);
-        const scalar_t* block = ctx.x + (n * S + s0) * C;
-        std::fill(sum.begin(), sum.end(), acc_t(0));
-        std::fill(m2.begin(), m2.end(), acc_t(0));
+        const scalar_t* block = ctx.x + (n * S + s0) * C + c0;
+        Vec block_mean[kVecs], block_m2[kVecs];
+        for (int j = 0; j < kVecs; ++j) block_mean[j] = Vec(0);
         for (int64_t r = 0; r < rows; ++r) {
-          reduce1(block + r * C, C, [&](const Vec& v, int64_t valid, int64_t off) {
-            Vec d = v - Vec::loadu(shift.data() + off);
-            if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
-            (Vec::loadu(sum.data() + off) + d).store(sum.data() + off);
-          });
+          Strip::load(block + r * C, width, v);
+          for (int j = 0; j < kVecs; ++j) block_mean[j] += v[j] - vshift[j];
         }
         const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
-        for (int64_t off = 0; off < P; off += Vec::size()) {
-          (Vec::loadu(sum.data() + off) * inv_rows).store(sum.data() + off);  // now the means
+        for (int j = 0; j < kVecs; ++j) {
+          block_mean[j] = block_mean[j] * inv_rows;
+          block_m2[j] = Vec(0);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          reduce1(block + r * C, C, [&](const Vec& v, int64_t valid, int64_t off) {
-            Vec d = (v - Vec::loadu(shift.data() + off)) - Vec::loadu(sum.data() + off);
-            if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
-            at::vec::fmadd(d, d, Vec::loadu(m2.data() + off)).store(m2.data() + off);
-          });
+          Strip::load(block + r * C, width, v);
+          for (int j = 0; j < kVecs; ++j) {
+            const Vec d = (v[j] - vshift[j]) - block_mean[j];
+            block_m2[j] = at::vec::fmadd(d, d, block_m2[j]);
+          }
         }
-        // Chan's merge of the block into the task's per-channel states, every channel at once
-        // (they all have the same count): vector work per block, whatever C is.
-        const int64_t total = task_count + rows;
-        const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
-        const Vec weight_ab(static_cast<acc_t>(task_count) * weight_b);
-        for (int64_t off = 0; off < P; off += Vec::size()) {
-          const Vec mean_a = Vec::loadu(task_mean.data() + off);
-          const Vec delta = Vec::loadu(sum.data() + off) - mean_a;
-          at::vec::fmadd(delta, weight_b, mean_a).store(task_mean.data() + off);
-          at::vec::fmadd(delta * delta, weight_ab,
-                         Vec::loadu(task_m2.data() + off) + Vec::loadu(m2.data() + off))
-              .store(task_m2.data() + off);
+        // Chan's merge of the block into the strip's states (every channel has the same count).
+        if (count == 0) {
+          for (int j = 0; j < kVecs; ++j) {
+            mean[j] = block_mean[j];
+            m2[j] = block_m2[j];
+          }
+        } else {
+          const int64_t total = count + rows;
+          const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
+          const Vec weight_ab(static_cast<acc_t>(count) * weight_b);
+          for (int j = 0; j < kVecs; ++j) {
+            const Vec delta = block_mean[j] - mean[j];
+            mean[j] = at::vec::fmadd(delta, weight_b, mean[j]);
+            m2[j] = at::vec::fmadd(delta * delta, weight_ab, m2[j] + block_m2[j]);
+          }
         }
-        task_count = total;
+        count += rows;
       }
-      // Each group's state over this task from its channels' states (equal counts): once per
-      // task, not per block.
-      Welford<acc_t>* group_states = states.data() + task * G;
-      for (int64_t g = 0; g < G; ++g) {
-        const acc_t* means = task_mean.data() + g * CPG;
-        acc_t mean = 0, squares = 0, spread = 0;
-        for (int64_t c = 0; c < CPG; ++c) mean += means[c];
-        mean /= static_cast<acc_t>(CPG);
-        for (int64_t c = 0; c < CPG; ++c) {
-          squares += task_m2[g * CPG + c];
-          spread += (means[c] - mean) * (means[c] - mean);
-        }
-        group_states[g] = Welford<acc_t>{task_count * CPG, mean,
-                                         squares + static_cast<acc_t>(task_count) * spread};
-      }
+      Strip::store_acc(task_mean.data() + c0, mean);
+      Strip::store_acc(task_m2.data() + c0, m2);
     }
-  });
-  for (int64_t n = 0; n < N; ++n) {
+    // Each group's state over this task from its channels' states (equal counts).
+    const int64_t task_count = last - first;
+    Welford<acc_t>* group_states = states.data() + task * G;
+    for (int64_t g = 0; g < G; ++g) {
+      const acc_t* means = task_mean.data() + g * CPG;
+      acc_t mean = 0, squares = 0, spread = 0;
+      for (int64_t c = 0; c < CPG; ++c) mean += means[c];
+      mean /= static_cast<acc_t>(CPG);
+      for (int64_t c = 0; c < CPG; ++c) {
+        squares += task_m2[g * CPG + c];
+        spread += (means[c] - mean) * (means[c] - mean);
+      }
+      group_states[g] = Welford<acc_t>{task_count * CPG, mean,
+                                       squares + static_cast<acc_t>(task_count) * spread};
+    }
+  };
+  auto finish_sample = [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
       Welford<acc_t> state{0, 0, 0};
       for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
@@ -239,9 +257,9 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
       }
       finish_stats(state, shift_of(n, g), ctx.eps, ctx.mean + n * G + g, ctx.rstd + n * G + g);
     }
-  }
+  };
 
-  // Apply, with per-channel constants laid out along C like the data.
+  // Apply, per strip with its per-channel constants in registers.
   std::vector<acc_t> bias(P, 0), out_scale(P, 0), out_offset(P, 0);
   for (int64_t c = 0; c < C; ++c) {
     bias[c] = ctx.bias[c];
@@ -249,28 +267,42 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     out_offset[c] = ctx.out_offset(c);
   }
   const Vec slope(ctx.slope);
-  parallel_phase("fusednorm_cpu::forward_apply_channels_last", 0, tasks, 1,
-                 [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> mean(P, 0), a1(P, 0);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t n = task / tiling.tasks_per_n;
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t ng = n * G + c / CPG;
+  auto apply_task = [&](int64_t task, Buffers& buffers) {
+    std::vector<acc_t>& mean = buffers.mean;
+    std::vector<acc_t>& a1 = buffers.a1;
+    const int64_t n = task / tiling.tasks_per_n;
+    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) {
+      for (int64_t c = (ng - n * G) * CPG; c < (ng - n * G + 1) * CPG; ++c) {
         mean[c] = ctx.mean[ng];
         a1[c] = ctx.weight[c] * ctx.rstd[ng];
       }
-      const auto [first, last] = task_rows(task);
+    }
+    const auto [first, last] = task_rows(task);
+    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
+      const int64_t width = std::min(Strip::kWidth, C - c0);
+      Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vscale[kVecs], voffset[kVecs], v[kVecs];
+      Strip::load_acc(mean.data() + c0, vmean);
+      Strip::load_acc(a1.data() + c0, va1);
+      Strip::load_acc(bias.data() + c0, vbias);
+      Strip::load_acc(out_scale.data() + c0, vscale);
+      Strip::load_acc(out_offset.data() + c0, voffset);
       for (int64_t s = first; s < last; ++s) {
-        const int64_t offset = (n * S + s) * C;
-        map1(ctx.x + offset, ctx.y + offset, C, [&](const Vec& v, int64_t off) {
-          const Vec z = at::vec::fmadd(v - Vec::loadu(mean.data() + off),
-                                       Vec::loadu(a1.data() + off), Vec::loadu(bias.data() + off));
-          return at::vec::fmsub(act_value_vec<ACT>(z, slope), Vec::loadu(out_scale.data() + off),
-                                Vec::loadu(out_offset.data() + off));
-        });
+        const int64_t offset = (n * S + s) * C + c0;
+        Strip::load(ctx.x + offset, width, v);
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec z = at::vec::fmadd(v[j] - vmean[j], va1[j], vbias[j]);
+          v[j] = at::vec::fmsub(act_value_vec<ACT>(z, slope), vscale[j], voffset[j]);
+        }
+        Strip::store(ctx.y + offset, width, v);
       }
     }
-  });
+  };
+
+  sample_passes<Buffers>({"fusednorm_cpu::forward_per_sample_channels_last",
+                          "fusednorm_cpu::forward_stats_channels_last",
+                          "fusednorm_cpu::forward_finish_stats_channels_last",
+                          "fusednorm_cpu::forward_apply_channels_last"},
+                         N, tiling.tasks_per_n, P, stats_task, finish_sample, apply_task);
 }
 
 template <typename scalar_t>

@@ -179,7 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       prepare_backward(grad_out, input, weight, bias, proxy_bias, proxy_weight, mean, rstd,
                        num_groups, activation, num_proxy_samples, proxy);
   const Problem& p = call.p;
-  at::Tensor partials = at::zeros({p.N, p.C, 4}, call.acc_options);
+  // The kernel writes every (n, c) entry; without elements (S = 0) the sums are zeros.
+  at::Tensor partials = call.x.numel() > 0 ? at::empty({p.N, p.C, 4}, call.acc_options)
+                                           : at::zeros({p.N, p.C, 4}, call.acc_options);
   at::Tensor proxy_mean, proxy_scale;
   if (proxy) {
     std::tie(proxy_mean, proxy_scale) =

@@ -25,33 +25,54 @@ struct ProxyLanes {
   Vec pre_activation(const Vec& x) const { return w * x + b; }
 };
 
-// Mean and population variance of P_ck = act(p_ck) over k, two passes (as proxy_moments).
+// Channel blocks handled together: each lane's sums over k are chains of dependent adds, so
+// kBlocks independent blocks keep the adder busy (latency-bound otherwise: ~3x slower). Every
+// channel still sums its own k in order.
+constexpr int kBlocks = 4;  // the initializer lists below name four
+
+// Mean and population variance of P_ck = act(p_ck) over k, two passes (as proxy_moments), for
+// kBlocks blocks of channels.
 template <int ACT, typename acc_t>
-std::pair<Vectorized<acc_t>, Vectorized<acc_t>> moments(const ProxyLanes<acc_t>& lanes,
-                                                          const acc_t* u, int64_t K,
-                                                          const Vectorized<acc_t>& slope) {
+void moments(const ProxyLanes<acc_t>* lanes, const acc_t* u, int64_t K,
+             const Vectorized<acc_t>& slope, Vectorized<acc_t>* mean, Vectorized<acc_t>* var) {
   using Vec = Vectorized<acc_t>;
-  Vec total(acc_t(0));
+  Vec total[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) total[j] = Vec(acc_t(0));
   for (int64_t k = 0; k < K; ++k) {
-    total = total + act_value_vec<ACT>(lanes.pre_activation(lanes.proxy_x(u[k])), slope);
+    for (int j = 0; j < kBlocks; ++j) {
+      total[j] = total[j] +
+                 act_value_vec<ACT>(lanes[j].pre_activation(lanes[j].proxy_x(u[k])), slope);
+    }
   }
   const Vec count(static_cast<acc_t>(K));
-  const Vec mean = total / count;
-  Vec squares(acc_t(0));
-  for (int64_t k = 0; k < K; ++k) {
-    const Vec d = act_value_vec<ACT>(lanes.pre_activation(lanes.proxy_x(u[k])), slope) - mean;
-    squares = squares + d * d;
+  Vec squares[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) {
+    mean[j] = total[j] / count;
+    squares[j] = Vec(acc_t(0));
   }
-  return {mean, squares / count};
+  for (int64_t k = 0; k < K; ++k) {
+    for (int j = 0; j < kBlocks; ++j) {
+      const Vec d =
+          act_value_vec<ACT>(lanes[j].pre_activation(lanes[j].proxy_x(u[k])), slope) - mean[j];
+      squares[j] = squares[j] + d * d;
+    }
+  }
+  for (int j = 0; j < kBlocks; ++j) var[j] = squares[j] / count;
 }
 
-// f(c0, lanes) for each block of Vec::size() channels starting at c0, as one profiler phase.
+// f(c0, lanes) for kBlocks blocks of Vec::size() channels starting at c0 (lanes: the channels
+// of each block that exist, 0 past C), as one profiler phase.
 template <typename acc_t, typename F>
 void for_channel_blocks(const char* phase, int64_t C, const F& f) {
   constexpr int64_t kLanes = Vectorized<acc_t>::size();
-  parallel_phase(phase, 0, divup(C, kLanes), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      f(block * kLanes, std::min<int64_t>(kLanes, C - block * kLanes));
+  parallel_phase(phase, 0, divup(C, kBlocks * kLanes), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      int64_t c0[kBlocks], lanes[kBlocks];
+      for (int j = 0; j < kBlocks; ++j) {
+        c0[j] = std::min(C, (group * kBlocks + j) * kLanes);
+        lanes[j] = std::min<int64_t>(kLanes, C - c0[j]);
+      }
+      f(c0, lanes);
     }
   });
 }
@@ -61,11 +82,18 @@ void proxy_stats_typed(const ProxyArgs& a) {
   using Vec = Vectorized<acc_t>;
   const acc_t* u = static_cast<const acc_t*>(a.samples);
   const Vec slope(static_cast<acc_t>(a.slope)), eps(static_cast<acc_t>(a.proxy_eps));
-  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_statistics", a.C, [&](int64_t c0,
-                                                                         int64_t lanes) {
-    const auto [mean, var] = moments<ACT>(ProxyLanes<acc_t>(a, c0, lanes), u, a.K, slope);
-    mean.store(static_cast<acc_t*>(a.proxy_mean) + c0, lanes);
-    (Vec(acc_t(1)) / (var + eps).sqrt()).store(static_cast<acc_t*>(a.proxy_scale) + c0, lanes);
+  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_statistics", a.C, [&](const int64_t* c0,
+                                                                         const int64_t* lanes) {
+    const ProxyLanes<acc_t> channels[kBlocks] = {
+        {a, c0[0], lanes[0]}, {a, c0[1], lanes[1]}, {a, c0[2], lanes[2]}, {a, c0[3], lanes[3]}};
+    Vec mean[kBlocks], var[kBlocks];
+    moments<ACT>(channels, u, a.K, slope, mean, var);
+    for (int j = 0; j < kBlocks; ++j) {
+      if (lanes[j] == 0) break;
+      mean[j].store(static_cast<acc_t*>(a.proxy_mean) + c0[j], lanes[j]);
+      (Vec(acc_t(1)) / (var[j] + eps).sqrt())
+          .store(static_cast<acc_t*>(a.proxy_scale) + c0[j], lanes[j]);
+    }
   });
 }
 
@@ -77,33 +105,45 @@ void proxy_grads_typed(const ProxyArgs& a) {
   using Vec = Vectorized<acc_t>;
   const acc_t* u = static_cast<const acc_t*>(a.samples);
   const Vec slope(static_cast<acc_t>(a.slope)), count(static_cast<acc_t>(a.K));
-  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_gradients", a.C, [&](int64_t c0,
-                                                                        int64_t lanes) {
-    const ProxyLanes<acc_t> ch(a, c0, lanes);
-    auto load = [&](const void* p) {
-      return Vec::loadu(static_cast<const acc_t*>(p) + c0, lanes);
-    };
-    const Vec mean = load(a.proxy_mean), scale = load(a.proxy_scale);
-    const Vec sum_d = load(a.sum_d), sum_e = load(a.sum_e);
-    const Vec grad_mean = Vec(acc_t(0)) - scale * sum_d;
-    const Vec grad_var = Vec(acc_t(-0.5)) * scale * scale * scale * (sum_e - mean * sum_d);
-    Vec sum_h(acc_t(0)), sum_h_x(acc_t(0)), sum_h_u(acc_t(0));
-    for (int64_t k = 0; k < a.K; ++k) {
-      const Vec x = ch.proxy_x(u[k]);
-      const Vec p = ch.pre_activation(x);
-      const Vec centered = act_value_vec<ACT>(p, slope) - mean;
-      const Vec h =
-          act_grad_vec<ACT>(p, slope) * (grad_mean + Vec(acc_t(2)) * grad_var * centered);
-      sum_h = sum_h + h;
-      sum_h_x = sum_h_x + h * x;
-      sum_h_u = sum_h_u + h * Vec(u[k]);
+  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_gradients", a.C, [&](const int64_t* c0,
+                                                                        const int64_t* lanes) {
+    const ProxyLanes<acc_t> channels[kBlocks] = {
+        {a, c0[0], lanes[0]}, {a, c0[1], lanes[1]}, {a, c0[2], lanes[2]}, {a, c0[3], lanes[3]}};
+    Vec mean[kBlocks], grad_mean[kBlocks], grad_var[kBlocks];
+    Vec sum_h[kBlocks], sum_h_x[kBlocks], sum_h_u[kBlocks];
+    for (int j = 0; j < kBlocks; ++j) {
+      auto load = [&](const void* p) {
+        return Vec::loadu(static_cast<const acc_t*>(p) + c0[j], lanes[j]);
+      };
+      const Vec scale = load(a.proxy_scale), sum_d = load(a.sum_d), sum_e = load(a.sum_e);
+      mean[j] = load(a.proxy_mean);
+      grad_mean[j] = Vec(acc_t(0)) - scale * sum_d;
+      grad_var[j] = Vec(acc_t(-0.5)) * scale * scale * scale * (sum_e - mean[j] * sum_d);
+      sum_h[j] = sum_h_x[j] = sum_h_u[j] = Vec(acc_t(0));
     }
-    acc_t* dweight = static_cast<acc_t*>(a.dweight) + c0;
-    acc_t* dbias = static_cast<acc_t*>(a.dbias) + c0;
-    (Vec::loadu(dweight, lanes) + sum_h_x / count).store(dweight, lanes);
-    (Vec::loadu(dbias, lanes) + sum_h / count).store(dbias, lanes);
-    (ch.w * sum_h / count).store(static_cast<acc_t*>(a.dproxy_bias) + c0, lanes);
-    (ch.w * sum_h_u / count).store(static_cast<acc_t*>(a.dproxy_weight) + c0, lanes);
+    for (int64_t k = 0; k < a.K; ++k) {
+      for (int j = 0; j < kBlocks; ++j) {
+        const Vec x = channels[j].proxy_x(u[k]);
+        const Vec p = channels[j].pre_activation(x);
+        const Vec centered = act_value_vec<ACT>(p, slope) - mean[j];
+        const Vec h = act_grad_vec<ACT>(p, slope) *
+                      (grad_mean[j] + Vec(acc_t(2)) * grad_var[j] * centered);
+        sum_h[j] = sum_h[j] + h;
+        sum_h_x[j] = sum_h_x[j] + h * x;
+        sum_h_u[j] = sum_h_u[j] + h * Vec(u[k]);
+      }
+    }
+    for (int j = 0; j < kBlocks; ++j) {
+      if (lanes[j] == 0) break;
+      acc_t* dweight = static_cast<acc_t*>(a.dweight) + c0[j];
+      acc_t* dbias = static_cast<acc_t*>(a.dbias) + c0[j];
+      (Vec::loadu(dweight, lanes[j]) + sum_h_x[j] / count).store(dweight, lanes[j]);
+      (Vec::loadu(dbias, lanes[j]) + sum_h[j] / count).store(dbias, lanes[j]);
+      (channels[j].w * sum_h[j] / count)
+          .store(static_cast<acc_t*>(a.dproxy_bias) + c0[j], lanes[j]);
+      (channels[j].w * sum_h_u[j] / count)
+          .store(static_cast<acc_t*>(a.dproxy_weight) + c0[j], lanes[j]);
+    }
   });
 }
 
