@@ -68,7 +68,8 @@ def triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
 
 
 # ----------------------------------------------------------------------------------------------
-# Fake implementations and autograd, shared by every backend's pair of ops
+# Fake implementations, shared by every backend's pair of ops, and the Triton ops' autograd
+# (the extension's is the same in C++: csrc/autograd.cpp)
 # ----------------------------------------------------------------------------------------------
 def _forward_fake(x, weight, bias, proxy_bias, proxy_weight, num_groups, activation, slope, eps,
                   proxy_eps, num_proxy_samples, proxy):

@@ -29,8 +29,6 @@ class Timer:
     def __call__(self, fn, warmup: int, repeats: int) -> list[float]:
         for _ in range(warmup):
             fn()
-        if self.device.type == "cuda":
-            return self._cuda_times(fn, repeats)
         return [self.once(fn) for _ in range(repeats)]
 
     def once(self, fn) -> float:
@@ -47,18 +45,6 @@ class Timer:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
-
-    def _cuda_times(self, fn, repeats):
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        torch.cuda.synchronize()
-        for start, end in zip(starts, ends):
-            self.cache_flush.zero_()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
 
 def keep_freed_cpu_memory() -> Optional[str]:

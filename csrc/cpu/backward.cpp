@@ -201,7 +201,7 @@ template <int ACT, bool PROXY, typename scalar_t>
 void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
   using acc_t = acc_type<scalar_t>;
   const int64_t NG = ctx.N * ctx.G, CPG = ctx.CPG;
-  if (one_task_per_group(NG)) {
+  if (one_task_each(NG)) {
     parallel_phase("fusednorm_cpu::backward_partials_and_dx", 0, NG, 1,
                    [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
@@ -270,15 +270,6 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
   std::vector<acc_t> bias(P, 0);
   std::copy(ctx.bias, ctx.bias + C, bias.begin());
   const Vec slope(ctx.slope);
-  // Per-channel mean and gamma * rstd of sample n, laid out along C like the data.
-  auto fill_channel_stats = [&](int64_t n, acc_t* mean, acc_t* a1) {
-    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) {
-      for (int64_t c = (ng - n * G) * CPG; c < (ng - n * G + 1) * CPG; ++c) {
-        mean[c] = ctx.mean[ng];
-        a1[c] = ctx.weight[c] * ctx.rstd[ng];
-      }
-    }
-  };
 
   // Per-thread buffers: per-channel mean, gamma * rstd and the dx coefficients of one sample.
   struct Buffers {
@@ -293,7 +284,7 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     std::vector<acc_t>& mean = buffers.mean;
     std::vector<acc_t>& a1 = buffers.a1;
     const int64_t n = task / tiling.tasks_per_n;
-    fill_channel_stats(n, mean.data(), a1.data());
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
     acc_t* total = task_sums.data() + task * kSums * P;
     const auto [first, last] = task_rows(task);
     for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
@@ -327,14 +318,14 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
   };
   // Per (n, c) of sample n: the tasks' sums in task order.
   auto reduce_sample = [&](int64_t n) {
-    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) {
-      for (int64_t c = (ng - n * G) * CPG; c < (ng - n * G + 1) * CPG; ++c) {
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
         acc_t sums[4] = {0, 0, 0, 0};
         for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
           const acc_t* total = task_sums.data() + (n * tiling.tasks_per_n + t) * kSums * P;
           for (int i = 0; i < kSums; ++i) sums[i] += total[i * P + c];
         }
-        ctx.store_partials(ng, n, c, sums[0], sums[1], sums[2], sums[3]);
+        ctx.store_partials(n * G + g, n, c, sums[0], sums[1], sums[2], sums[3]);
       }
     }
   };
@@ -345,7 +336,7 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     std::vector<acc_t>& k2 = buffers.k2;
     std::vector<acc_t>& k3 = buffers.k3;
     const int64_t n = task / tiling.tasks_per_n;
-    fill_channel_stats(n, mean.data(), a1.data());
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
     for (int64_t g = 0; g < G; ++g) {
       const auto [sa, sb] = ctx.group_sums(n * G + g);
       const auto [group_k2, group_k3] = ctx.dx_group_coefficients(n * G + g, sa, sb);

@@ -118,7 +118,7 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
     return chunk_stats(ctx.x + ng * M + k * kChunk, std::min(kChunk, M - k * kChunk),
                        shift_of(ng));
   };
-  if (one_task_per_group(NG)) {
+  if (one_task_each(NG)) {
     parallel_phase("fusednorm_cpu::forward_stats_and_apply", 0, NG, 1,
                    [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
@@ -271,12 +271,7 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     std::vector<acc_t>& mean = buffers.mean;
     std::vector<acc_t>& a1 = buffers.a1;
     const int64_t n = task / tiling.tasks_per_n;
-    for (int64_t ng = n * G; ng < (n + 1) * G; ++ng) {
-      for (int64_t c = (ng - n * G) * CPG; c < (ng - n * G + 1) * CPG; ++c) {
-        mean[c] = ctx.mean[ng];
-        a1[c] = ctx.weight[c] * ctx.rstd[ng];
-      }
-    }
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
     const auto [first, last] = task_rows(task);
     for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
       const int64_t width = std::min(Strip::kWidth, C - c0);

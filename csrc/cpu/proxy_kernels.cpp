@@ -6,6 +6,9 @@
 // elements, so they run in vectors here, compiled once per instruction set (see vec_utils.h).
 #include "vec_utils.h"
 
+#include <array>
+#include <utility>
+
 namespace fusednorm::cpu::CPU_CAPABILITY {
 namespace {
 
@@ -28,7 +31,7 @@ struct ProxyLanes {
 // Channel blocks handled together: each lane's sums over k are chains of dependent adds, so
 // kBlocks independent blocks keep the adder busy (latency-bound otherwise: ~3x slower). Every
 // channel still sums its own k in order.
-constexpr int kBlocks = 4;  // the initializer lists below name four
+constexpr int kBlocks = 4;
 
 // Mean and population variance of P_ck = act(p_ck) over k, two passes (as proxy_moments), for
 // kBlocks blocks of channels.
@@ -60,19 +63,29 @@ void moments(const ProxyLanes<acc_t>* lanes, const acc_t* u, int64_t K,
   for (int j = 0; j < kBlocks; ++j) var[j] = squares[j] / count;
 }
 
-// f(c0, lanes) for kBlocks blocks of Vec::size() channels starting at c0 (lanes: the channels
-// of each block that exist, 0 past C), as one profiler phase.
+template <typename acc_t, size_t... J>
+std::array<ProxyLanes<acc_t>, kBlocks> channel_blocks(const ProxyArgs& a, const int64_t* c0,
+                                                      const int64_t* lanes,
+                                                      std::index_sequence<J...>) {
+  return {ProxyLanes<acc_t>(a, c0[J], lanes[J])...};
+}
+
+// f(channels, c0, lanes) for kBlocks blocks of Vec::size() channels: block j starts at channel
+// c0[j], has lanes[j] channels that exist (0 past C) and their parameters in channels[j]. One
+// profiler phase.
 template <typename acc_t, typename F>
-void for_channel_blocks(const char* phase, int64_t C, const F& f) {
+void for_channel_blocks(const char* phase, const ProxyArgs& a, const F& f) {
   constexpr int64_t kLanes = Vectorized<acc_t>::size();
-  parallel_phase(phase, 0, divup(C, kBlocks * kLanes), 1, [&](int64_t begin, int64_t end) {
+  parallel_phase(phase, 0, divup(a.C, kBlocks * kLanes), 1, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; ++group) {
       int64_t c0[kBlocks], lanes[kBlocks];
       for (int j = 0; j < kBlocks; ++j) {
-        c0[j] = std::min(C, (group * kBlocks + j) * kLanes);
-        lanes[j] = std::min<int64_t>(kLanes, C - c0[j]);
+        c0[j] = std::min(a.C, (group * kBlocks + j) * kLanes);
+        lanes[j] = std::min<int64_t>(kLanes, a.C - c0[j]);
       }
-      f(c0, lanes);
+      const auto channels =
+          channel_blocks<acc_t>(a, c0, lanes, std::make_index_sequence<kBlocks>{});
+      f(channels.data(), c0, lanes);
     }
   });
 }
@@ -82,10 +95,8 @@ void proxy_stats_typed(const ProxyArgs& a) {
   using Vec = Vectorized<acc_t>;
   const acc_t* u = static_cast<const acc_t*>(a.samples);
   const Vec slope(static_cast<acc_t>(a.slope)), eps(static_cast<acc_t>(a.proxy_eps));
-  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_statistics", a.C, [&](const int64_t* c0,
-                                                                         const int64_t* lanes) {
-    const ProxyLanes<acc_t> channels[kBlocks] = {
-        {a, c0[0], lanes[0]}, {a, c0[1], lanes[1]}, {a, c0[2], lanes[2]}, {a, c0[3], lanes[3]}};
+  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_statistics", a, [&](
+      const ProxyLanes<acc_t>* channels, const int64_t* c0, const int64_t* lanes) {
     Vec mean[kBlocks], var[kBlocks];
     moments<ACT>(channels, u, a.K, slope, mean, var);
     for (int j = 0; j < kBlocks; ++j) {
@@ -105,10 +116,8 @@ void proxy_grads_typed(const ProxyArgs& a) {
   using Vec = Vectorized<acc_t>;
   const acc_t* u = static_cast<const acc_t*>(a.samples);
   const Vec slope(static_cast<acc_t>(a.slope)), count(static_cast<acc_t>(a.K));
-  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_gradients", a.C, [&](const int64_t* c0,
-                                                                        const int64_t* lanes) {
-    const ProxyLanes<acc_t> channels[kBlocks] = {
-        {a, c0[0], lanes[0]}, {a, c0[1], lanes[1]}, {a, c0[2], lanes[2]}, {a, c0[3], lanes[3]}};
+  for_channel_blocks<acc_t>("fusednorm_cpu::proxy_gradients", a, [&](
+      const ProxyLanes<acc_t>* channels, const int64_t* c0, const int64_t* lanes) {
     Vec mean[kBlocks], grad_mean[kBlocks], grad_var[kBlocks];
     Vec sum_h[kBlocks], sum_h_x[kBlocks], sum_h_u[kBlocks];
     for (int j = 0; j < kBlocks; ++j) {

@@ -211,7 +211,6 @@ C10_ALWAYS_INLINE Vec lane_sums(const typename Vec::value_type* rows) {
   }
 }
 
-// One task per group does both passes when the groups keep every thread busy with balanced work.
 // at::parallel_for as a named phase of the torch.profiler trace (tools/cpu_phases.py reads them);
 // without an active profiler the record is a thread-local check.
 template <typename F>
@@ -221,9 +220,11 @@ inline void parallel_phase(const char* name, int64_t begin, int64_t end, int64_t
   at::parallel_for(begin, end, grain, f);
 }
 
-inline bool one_task_per_group(int64_t groups) {
+// Whether one task per item (a group, or a sample) keeps every thread busy with balanced work;
+// then one task does both passes over its item.
+inline bool one_task_each(int64_t items) {
   const int64_t threads = at::get_num_threads();
-  return groups % threads == 0 || groups >= 4 * threads;
+  return items % threads == 0 || items >= 4 * threads;
 }
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -322,7 +323,7 @@ struct PassNames {
 template <typename Buffers, typename First, typename Between, typename Second>
 void sample_passes(const PassNames& names, int64_t N, int64_t tasks_per_n, int64_t P,
                    const First& first, const Between& between, const Second& second) {
-  if (one_task_per_group(N)) {
+  if (one_task_each(N)) {
     parallel_phase(names.per_sample, 0, N, 1, [&](int64_t begin, int64_t end) {
       Buffers buffers(P);
       for (int64_t n = begin; n < end; ++n) {
@@ -344,6 +345,20 @@ void sample_passes(const PassNames& names, int64_t N, int64_t tasks_per_n, int64
     Buffers buffers(P);
     for (int64_t task = begin; task < end; ++task) second(task, buffers);
   });
+}
+
+// Channels-last kernels: the per-channel mean and gamma * rstd of sample n laid out along C like
+// the data, from the (N, G) statistics.
+template <typename acc_t>
+inline void fill_channel_stats(const acc_t* group_mean, const acc_t* group_rstd,
+                               const acc_t* weight, int64_t n, int64_t G, int64_t CPG,
+                               acc_t* mean, acc_t* a1) {
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
+      mean[c] = group_mean[n * G + g];
+      a1[c] = weight[c] * group_rstd[n * G + g];
+    }
+  }
 }
 
 template <typename F>
