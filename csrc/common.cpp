@@ -7,8 +7,21 @@
 namespace fusednorm {
 
 namespace {
+// Whether t is dense in the order (N, *spatial, C), as t.movedim(1, -1).is_contiguous() says
+// (size-1 dims' strides ignored), without building the view: the ops call this on every input.
 bool is_channels_last_like(const at::Tensor& t) {
-  return t.dim() > 2 && t.movedim(1, -1).is_contiguous();
+  if (t.dim() <= 2) return false;
+  int64_t expected = 1;
+  auto dense_at = [&](int64_t d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return false;
+    expected *= t.size(d);
+    return true;
+  };
+  if (!dense_at(1)) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (!dense_at(d)) return false;
+  }
+  return dense_at(0);
 }
 
 void check_param(const char* op, const char* name, const at::Tensor& param, const at::Tensor& x) {
@@ -36,6 +49,18 @@ at::ScalarType accumulation_type(at::ScalarType dtype) {
   return dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+void check_activation(const char* op, int64_t activation) {
+  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "fusednorm::", op,
+              ": unknown activation id ", activation, " (expected 0-", kNumActivations - 1, ")");
+}
+
+void check_num_proxy_samples(const char* op, int64_t num_proxy_samples) {
+  TORCH_CHECK(num_proxy_samples >= 2, "fusednorm::", op,
+              ": num_proxy_samples must be >= 2, got ", num_proxy_samples);
+}
+}  // namespace
+
 Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
                         const std::optional<at::Tensor>& proxy_weight, int64_t num_groups,
@@ -48,10 +73,8 @@ Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& w
               "fusednorm::", op, ": x must be float16/bfloat16/float32/float64, got ", dtype);
   TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "fusednorm::", op,
               ": C=", x.size(1), " is not divisible by num_groups=", num_groups);
-  TORCH_CHECK(activation >= 0 && activation < kNumActivations, "fusednorm::", op,
-              ": unknown activation id ", activation, " (expected 0-", kNumActivations - 1, ")");
-  TORCH_CHECK(!proxy || num_proxy_samples >= 2, "fusednorm::", op,
-              ": num_proxy_samples must be >= 2, got ", num_proxy_samples);
+  check_activation(op, activation);
+  if (proxy) check_num_proxy_samples(op, num_proxy_samples);
   check_param(op, "weight", weight, x);
   check_param(op, "bias", bias, x);
   if (proxy_bias) check_param(op, "proxy_bias", *proxy_bias, x);
@@ -82,21 +105,60 @@ std::pair<at::Tensor, at::Tensor> check_statistics(const at::Tensor& x, const at
   return {mean.contiguous(), rstd.contiguous()};
 }
 
-at::Tensor param_as(const std::optional<at::Tensor>& param, int64_t channels,
-                    const at::TensorOptions& options) {
-  if (!param) return at::zeros({channels}, options);
-  return param->to(options.dtype()).contiguous();
+namespace {
+// `param` as a contiguous (C,) tensor of the accumulation dtype (itself when it is one).
+at::Tensor param_as(const at::Tensor& param, const at::TensorOptions& options) {
+  // The common case (an fp32 parameter) without a dispatched no-op conversion.
+  if (param.scalar_type() == options.dtype().toScalarType() && param.is_contiguous()) {
+    return param;
+  }
+  return param.to(options.dtype()).contiguous();
 }
 
-namespace {
+at::Tensor proxy_param_as(const std::optional<at::Tensor>& param,
+                          const at::TensorOptions& options) {
+  return param ? param_as(*param, options) : at::Tensor();
+}
+
 Params params_as(const at::Tensor& weight, const at::Tensor& bias,
                  const std::optional<at::Tensor>& proxy_bias,
-                 const std::optional<at::Tensor>& proxy_weight, int64_t channels,
+                 const std::optional<at::Tensor>& proxy_weight,
                  const at::TensorOptions& options) {
-  return {param_as(weight, channels, options), param_as(bias, channels, options),
-          param_as(proxy_bias, channels, options), param_as(proxy_weight, channels, options)};
+  return {param_as(weight, options), param_as(bias, options),
+          proxy_param_as(proxy_bias, options), proxy_param_as(proxy_weight, options)};
 }
 }  // namespace
+
+Params prepare_proxy_statistics(const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bias,
+                                const std::optional<at::Tensor>& proxy_bias,
+                                const std::optional<at::Tensor>& proxy_weight,
+                                int64_t activation, int64_t num_proxy_samples) {
+  const char* op = "proxy_statistics";
+  TORCH_CHECK(x.dim() >= 2, "fusednorm::", op, ": x must have shape (N, C, *spatial), got ",
+              x.sizes());
+  check_activation(op, activation);
+  check_num_proxy_samples(op, num_proxy_samples);
+  check_param(op, "weight", weight, x);
+  check_param(op, "bias", bias, x);
+  if (proxy_bias) check_param(op, "proxy_bias", *proxy_bias, x);
+  if (proxy_weight) check_param(op, "proxy_weight", *proxy_weight, x);
+  return params_as(weight, bias, proxy_bias, proxy_weight,
+                   x.options().dtype(accumulation_type(x.scalar_type())));
+}
+
+at::Tensor check_proxy_stats(const char* op, const at::Tensor& proxy_stats, const at::Tensor& x) {
+  const auto acc = accumulation_type(x.scalar_type());
+  TORCH_CHECK(proxy_stats.dim() == 2 && proxy_stats.size(0) == 2 &&
+                  proxy_stats.size(1) == x.size(1),
+              "fusednorm::", op, ": proxy_stats must have shape (2, C) = (2, ", x.size(1),
+              "), got ", proxy_stats.sizes());
+  TORCH_CHECK(proxy_stats.scalar_type() == acc, "fusednorm::", op, ": proxy_stats must be ", acc,
+              " for ", x.scalar_type(), " input, got ", proxy_stats.scalar_type());
+  TORCH_CHECK(proxy_stats.device() == x.device(), "fusednorm::", op, ": proxy_stats is on ",
+              proxy_stats.device(), " but x is on ", x.device());
+  return proxy_stats.contiguous();
+}
 
 ForwardCall prepare_forward(const at::Tensor& input, const at::Tensor& weight,
                             const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
@@ -117,7 +179,7 @@ ForwardCall prepare_forward(const at::Tensor& input, const at::Tensor& weight,
     call.rstd.fill_(1.0 / std::sqrt(eps));
     return call;
   }
-  call.params = params_as(weight, bias, proxy_bias, proxy_weight, call.p.C, call.acc_options);
+  call.params = params_as(weight, bias, proxy_bias, proxy_weight, call.acc_options);
   return call;
 }
 
@@ -135,10 +197,13 @@ BackwardCall prepare_backward(const at::Tensor& grad_out, const at::Tensor& inpu
               grad_out.sizes(), " but x has shape ", call.x.sizes());
   TORCH_CHECK(grad_out.device() == call.x.device(), "fusednorm::backward: grad_out is on ",
               grad_out.device(), " but x is on ", call.x.device());
-  call.grad = match_layout(grad_out.to(call.x.scalar_type()), call.x);
+  call.grad = match_layout(grad_out.scalar_type() == call.x.scalar_type()
+                               ? grad_out
+                               : grad_out.to(call.x.scalar_type()),
+                           call.x);
   std::tie(call.mean, call.rstd) = check_statistics(call.x, mean, rstd, num_groups);
   call.acc_options = call.x.options().dtype(accumulation_type(call.x.scalar_type()));
-  call.params = params_as(weight, bias, proxy_bias, proxy_weight, call.p.C, call.acc_options);
+  call.params = params_as(weight, bias, proxy_bias, proxy_weight, call.acc_options);
   call.dx = at::empty_like(call.x);
   return call;
 }

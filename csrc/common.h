@@ -38,18 +38,27 @@ Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& w
 std::pair<at::Tensor, at::Tensor> check_statistics(const at::Tensor& x, const at::Tensor& mean,
                                                    const at::Tensor& rstd, int64_t num_groups);
 
-// `param` (or zeros when absent) as a contiguous (C,) tensor of the accumulation dtype.
-at::Tensor param_as(const std::optional<at::Tensor>& param, int64_t channels,
-                    const at::TensorOptions& options);
-
 // u_k = sqrt(2) erfinv(2 (k + 0.5) / K - 1), k = 0..K-1 (docs/pn-math.md, step 4), computed in
 // fp64 once per (K, dtype, device) and cached; read-only.
 const at::Tensor& proxy_samples(int64_t num_samples, const at::TensorOptions& options);
 
-// gamma, beta, beta~, gamma~ as contiguous (C,) tensors of the accumulation dtype.
+// gamma, beta, beta~, gamma~ as contiguous (C,) tensors of the accumulation dtype; an absent
+// proxy parameter is undefined (its value is zero).
 struct Params {
   at::Tensor weight, bias, proxy_bias, proxy_weight;
 };
+
+// Checks and prepares a proxy_statistics call: the parameters of x's channels, in the
+// accumulation dtype of x.
+Params prepare_proxy_statistics(const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bias,
+                                const std::optional<at::Tensor>& proxy_bias,
+                                const std::optional<at::Tensor>& proxy_weight,
+                                int64_t activation, int64_t num_proxy_samples);
+
+// Checks proxy statistics passed to forward/backward: (2, C), x's accumulation dtype and device;
+// returns them contiguous.
+at::Tensor check_proxy_stats(const char* op, const at::Tensor& proxy_stats, const at::Tensor& x);
 
 // A checked forward call: the dense input, its problem, the parameters in the accumulation
 // dtype and the allocated outputs. When x has no elements, `empty` is set and the outputs are

@@ -9,16 +9,25 @@
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(fusednorm, m) {
+  // proxy_stats: the (2, C) m_c, s_c of proxy_statistics for these parameters, computed once per
+  // training step by the autograd kernel and passed to both directions; None: computed inside.
   m.def(
       "forward(Tensor x, Tensor weight, Tensor bias, Tensor? proxy_bias, Tensor? proxy_weight, "
       "int num_groups, int activation, float slope, float eps, float proxy_eps, "
-      "int num_proxy_samples, bool proxy) -> (Tensor, Tensor, Tensor)",
+      "int num_proxy_samples, bool proxy, Tensor? proxy_stats=None) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "backward(Tensor grad_out, Tensor x, Tensor weight, Tensor bias, Tensor? proxy_bias, "
       "Tensor? proxy_weight, Tensor mean, Tensor rstd, int num_groups, int activation, "
-      "float slope, float proxy_eps, int num_proxy_samples, bool proxy) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "float slope, float proxy_eps, int num_proxy_samples, bool proxy, "
+      "Tensor? proxy_stats=None) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // Per-channel proxy mean m_c and scale s_c = 1/sqrt(v_c + proxy_eps) as a (2, C) tensor in the
+  // accumulation dtype of x (x gives only its dtype and device).
+  m.def(
+      "proxy_statistics(Tensor x, Tensor weight, Tensor bias, Tensor? proxy_bias, "
+      "Tensor? proxy_weight, int activation, float slope, float proxy_eps, "
+      "int num_proxy_samples) -> Tensor",
       {at::Tag::pt2_compliant_tag});
 }
 

@@ -11,6 +11,9 @@ Every fused backend implements the same pair of ops:
 ``activation`` is an id of :mod:`fusednorm.activations`; mean/rstd are the per-(n, g) group
 statistics, (N, G) in fp32 (fp64 for fp64 input), the only thing the forward saves besides x.
 y and dx have x's dtype and memory format; parameter gradients have their parameter's dtype.
+The extension's pair also takes an optional last argument ``proxy_stats``: the (2, C) proxy
+mean and scale of ``fusednorm::proxy_statistics``, which its autograd computes once per training
+step for both directions (each op computes them itself when it is None).
 
 - ``fusednorm_triton::forward/backward``: the Triton kernels, defined here with custom_op.
 - ``fusednorm::forward/backward``: the C++/CUDA extension; schemas declared in C++
@@ -72,18 +75,23 @@ def triton_backward(grad_out: Tensor, x: Tensor, weight: Tensor, bias: Tensor,
 # (the extension's is the same in C++: csrc/autograd.cpp)
 # ----------------------------------------------------------------------------------------------
 def _forward_fake(x, weight, bias, proxy_bias, proxy_weight, num_groups, activation, slope, eps,
-                  proxy_eps, num_proxy_samples, proxy):
+                  proxy_eps, num_proxy_samples, proxy, proxy_stats=None):
     y = torch.empty_like(dense_layout(x))
     mean = x.new_empty((x.shape[0], num_groups), dtype=accumulation_dtype(x.dtype))
     return y, mean, torch.empty_like(mean)
 
 
 def _backward_fake(grad_out, x, weight, bias, proxy_bias, proxy_weight, mean, rstd, num_groups,
-                   activation, slope, proxy_eps, num_proxy_samples, proxy):
+                   activation, slope, proxy_eps, num_proxy_samples, proxy, proxy_stats=None):
     dx = torch.empty_like(dense_layout(x))
     dproxy_bias = torch.empty_like(proxy_bias if proxy_bias is not None else weight)
     dproxy_weight = torch.empty_like(proxy_weight if proxy_weight is not None else weight)
     return dx, torch.empty_like(weight), torch.empty_like(bias), dproxy_bias, dproxy_weight
+
+
+def _proxy_statistics_fake(x, weight, bias, proxy_bias, proxy_weight, activation, slope,
+                           proxy_eps, num_proxy_samples):
+    return weight.new_empty((2, x.shape[1]), dtype=accumulation_dtype(x.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -119,6 +127,7 @@ def _register_extension() -> None:
     # autograd.Function costs ~0.1 ms per training step on CPU.
     torch.library.register_fake("fusednorm::forward")(_forward_fake)
     torch.library.register_fake("fusednorm::backward")(_backward_fake)
+    torch.library.register_fake("fusednorm::proxy_statistics")(_proxy_statistics_fake)
 
 
 def _extension_kernels() -> dict:

@@ -159,9 +159,18 @@ FUSED_BACKENDS = ["triton", "cpu", "cuda"]
 @pytest.fixture(params=FUSED_BACKENDS)
 def fused_backend(request):
     """(backend, device) for each fused backend that can run here; skips the others, saying why."""
+    return _runnable_backend(request.param)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def extension_backend(request):
+    """(backend, device) of the C++ extension's kernels (the ops that also take proxy_stats)."""
+    return _runnable_backend(request.param)
+
+
+def _runnable_backend(name):
     from fusednorm import ops
 
-    name = request.param
     if name == "triton":
         return name, triton_device()
     if name == "cuda":

@@ -4,6 +4,7 @@ import torch
 
 import fusednorm
 from fusednorm import activations, ops, reference
+from fusednorm.proxy import proxy_stats
 from conftest import make_inputs, triton_device
 
 
@@ -32,7 +33,8 @@ def test_opcheck_forward_and_backward(fused_backend, proxy, proxy_params, channe
 
 
 def test_saves_only_input_and_group_statistics(fused_backend):
-    """Activation memory kept for backward: x itself plus (N, G) statistics and the parameters."""
+    """Activation memory kept for backward: x itself plus (N, G) statistics, the parameters and
+    (the extension) the (2, C) proxy statistics."""
     backend, device = fused_backend
     x, params = make_inputs((4, 16, 12, 12), dtype=torch.float32, device=device)
     saved = []
@@ -45,7 +47,7 @@ def test_saves_only_input_and_group_statistics(fused_backend):
         fusednorm.group_norm_proxy_act(x, 4, **params, backend=backend)
     activation_bytes = sum(t.numel() * t.element_size() for t in saved if t.dim() != 1)
     assert any(t is x or t.data_ptr() == x.data_ptr() for t in saved)
-    assert activation_bytes <= x.numel() * x.element_size() + 2 * 4 * 4 * 4
+    assert activation_bytes <= x.numel() * x.element_size() + 2 * 4 * 4 * 4 + 2 * 16 * 4
 
 
 def test_autograd_of_the_op(fused_backend):
@@ -72,6 +74,62 @@ def test_autograd_of_the_op(fused_backend):
                                                        True))
     (dbias,) = torch.autograd.grad(y_b, [bias_only], grad_y)
     torch.testing.assert_close(dbias, full[2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_opcheck_proxy_statistics_and_given_stats(extension_backend, channels_last):
+    """fusednorm::proxy_statistics, and forward/backward given its result (what the extension's
+    autograd does once per step): opcheck, the reference's m and s, and bit-equal outputs to
+    the calls that compute the statistics themselves."""
+    backend, device = extension_backend
+    x, params = make_inputs((2, 4, 3, 5), dtype=torch.float32, device=device,
+                            channels_last=channels_last)
+    args = _forward_args(x, params, True)
+    param_args = tuple(a.detach() if isinstance(a, torch.Tensor) else a
+                       for a in (x, *args[1:5], activations.SILU, 0.01, 0.03, 16))
+    torch.library.opcheck(torch.ops.fusednorm.proxy_statistics.default, param_args)
+    stats = torch.ops.fusednorm.proxy_statistics(*param_args)
+    m, _, s = proxy_stats(*(params[k].detach().double() for k in ("weight", "bias", "proxy_bias",
+                                                                  "proxy_weight")),
+                          activations.parse_activation("silu")[0], 0.01, 16, 0.03)
+    torch.testing.assert_close(stats, torch.stack([m, s]).float(), rtol=1e-5, atol=1e-6)
+
+    torch.library.opcheck(torch.ops.fusednorm.forward.default, (*args, stats))
+    y, mean, rstd = torch.ops.fusednorm.forward(*(a.detach() if isinstance(a, torch.Tensor)
+                                                  else a for a in args), stats)
+    for got, want in zip((y, mean, rstd), torch.ops.fusednorm.forward(*args)):
+        torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    backward_args = (torch.randn_like(x), x.detach(), *(a.detach() for a in args[1:5]), mean,
+                     rstd, 2, activations.SILU, 0.01, 0.03, 16, True)
+    torch.library.opcheck(torch.ops.fusednorm.backward.default, (*backward_args, stats))
+    for got, want in zip(torch.ops.fusednorm.backward(*backward_args, stats),
+                         torch.ops.fusednorm.backward(*backward_args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_given_proxy_stats_are_checked(extension_backend):
+    backend, device = extension_backend
+    x, params = make_inputs((2, 4, 3, 5), dtype=torch.float32, device=device)
+    args = _forward_args(x, params, True)
+    with torch.no_grad():
+        stats = torch.ops.fusednorm.proxy_statistics(x, *args[1:5], activations.SILU, 0.01, 0.03,
+                                                     16)
+    with pytest.raises(RuntimeError, match=r"proxy_stats must have shape \(2, C\) = \(2, 4\)"):
+        torch.ops.fusednorm.forward(*args, stats[:, :3])
+    with pytest.raises(RuntimeError, match="proxy_stats must be Float for Float input"):
+        torch.ops.fusednorm.forward(*args, stats.double())
+    with pytest.raises(RuntimeError, match="proxy_stats is a constant of the call"):
+        torch.ops.fusednorm.forward(*args, stats.detach().requires_grad_())
+    with pytest.raises(RuntimeError, match="proxy_statistics is not differentiable"):
+        torch.ops.fusednorm.proxy_statistics(x, *args[1:5], activations.SILU, 0.01, 0.03, 16)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="proxy_statistics: unknown activation id 9"):
+            torch.ops.fusednorm.proxy_statistics(x, *args[1:5], 9, 0.01, 0.03, 16)
+        with pytest.raises(RuntimeError, match="num_proxy_samples must be >= 2"):
+            torch.ops.fusednorm.proxy_statistics(x, *args[1:5], activations.SILU, 0.01, 0.03, 1)
+        with pytest.raises(RuntimeError, match=r"proxy_statistics: bias must have shape \(C,\)"):
+            torch.ops.fusednorm.proxy_statistics(x, args[1], args[2][:3], None, None,
+                                                 activations.SILU, 0.01, 0.03, 16)
 
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])

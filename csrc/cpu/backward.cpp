@@ -1,6 +1,6 @@
 // CPU backward kernel: per-(n, c) partial sums (sum g_z, g_z * xhat, g, g * a), per-(n, g)
 // sums SA, SB, then dx = rstd * (gamma_c g_z - SA/M - xhat SB/M) (docs/pn-math.md). The parameter
-// gradients are finished from the partials in fusednorm_cpu.cpp. Compiled once per instruction
+// gradients are finished from the partials in proxy_kernels.cpp. Compiled once per instruction
 // set (see vec_utils.h).
 //
 // Contiguous input: per row (n, c); rows of up to 4096 elements a vector-width of rows at a
@@ -30,7 +30,7 @@ struct BackwardContext {
   const acc_t* weight;
   const acc_t* bias;
   const acc_t* proxy_scale;  // nullptr: PN off
-  acc_t* partials;           // (N, C, 4)
+  acc_t* partials;           // (N, 4, C)
 
   explicit BackwardContext(const BackwardArgs& a)
       : N(a.N), C(a.C), S(a.S), G(a.G), CPG(a.C / a.G), slope(static_cast<acc_t>(a.slope)),
@@ -46,23 +46,38 @@ struct BackwardContext {
   // Partials of row (n, c) of group ng from the raw sums sum g*act', sum g*act'*(x - mean),
   // sum g, sum g*a: A = s_c * sum g*act', B = s_c * rstd * sum g*act'*(x - mean)
   // (= sum g_z * xhat).
+  // Plane i (0-3) of sample n's partials.
+  acc_t* plane(int64_t n, int i) const { return partials + (n * 4 + i) * C; }
+
   void store_partials(int64_t ng, int64_t n, int64_t c, acc_t gp, acc_t gpd, acc_t g,
                       acc_t ga) const {
     const acc_t scale = out_scale(c);
-    acc_t* out = partials + (n * C + c) * 4;
-    out[0] = scale * gp;
-    out[1] = scale * rstd[ng] * gpd;
-    out[2] = g;
-    out[3] = ga;
+    plane(n, 0)[c] = scale * gp;
+    plane(n, 1)[c] = scale * rstd[ng] * gpd;
+    plane(n, 2)[c] = g;
+    plane(n, 3)[c] = ga;
+  }
+
+  // The same for the `count` channels from c0 (all in group ng) at once, one lane each.
+  void store_partials(int64_t ng, int64_t n, int64_t c0, int64_t count,
+                      const Vectorized<acc_t>* sums) const {
+    using Vec = Vectorized<acc_t>;
+    const Vec scale = proxy_scale ? Vec::loadu(proxy_scale + c0, count) : Vec(acc_t(1));
+    (scale * sums[0]).store(plane(n, 0) + c0, count);
+    (scale * Vec(rstd[ng]) * sums[1]).store(plane(n, 1) + c0, count);
+    sums[2].store(plane(n, 2) + c0, count);
+    sums[3].store(plane(n, 3) + c0, count);
   }
 
   // SA = sum_{c in g} gamma_c A_nc, SB likewise with B, in channel order.
   std::pair<acc_t, acc_t> group_sums(int64_t ng) const {
     const int64_t n = ng / G, g = ng % G;
+    const acc_t* a = plane(n, 0);
+    const acc_t* b = plane(n, 1);
     acc_t sa = 0, sb = 0;
     for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
-      sa += weight[c] * partials[(n * C + c) * 4];
-      sb += weight[c] * partials[(n * C + c) * 4 + 1];
+      sa += weight[c] * a[c];
+      sb += weight[c] * b[c];
     }
     return {sa, sb};
   }
@@ -150,17 +165,11 @@ void short_rows_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64
     sums.g.store(planes[2] + i * kLanes);
     sums.ga.store(planes[3] + i * kLanes);
   }
-  alignas(64) acc_t totals[4][kLanes];
+  Vec totals[4];
   for (int plane = 0; plane < 4; ++plane) {
-    if (plane < 2 || PROXY) {
-      lane_sums<Vec>(planes[plane]).store(totals[plane]);
-    } else {
-      Vec(0).store(totals[plane]);
-    }
+    totals[plane] = plane < 2 || PROXY ? lane_sums<Vec>(planes[plane]) : Vec(0);
   }
-  for (int64_t i = 0; i < count; ++i) {
-    ctx.store_partials(ng, n, c0 + i, totals[0][i], totals[1][i], totals[2][i], totals[3][i]);
-  }
+  ctx.store_partials(ng, n, c0, count, totals);
 }
 
 // Partials of the rows [begin, end) of (N * C), all in group ng.

@@ -1,10 +1,10 @@
-// fusednorm::forward / fusednorm::backward for CPU tensors: the per-channel proxy statistics and
-// parameter gradients (O(N C + C K) work) and the kernels of forward.cpp / backward.cpp for the
-// O(N C S) passes, chosen per instruction set. Checks and allocation: common.h.
+// fusednorm::forward / backward / proxy_statistics for CPU tensors: the kernels of forward.cpp and
+// backward.cpp for the O(N C S) passes and of proxy_kernels.cpp for the per-channel ones (proxy
+// statistics, parameter gradients: O(N C + C K)), chosen per instruction set. Checks and
+// allocation: common.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
-#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <string>
@@ -19,14 +19,14 @@ struct Kernels {
   void (*forward)(const ForwardArgs&);
   void (*backward)(const BackwardArgs&);
   void (*proxy_stats)(const ProxyArgs&);
-  void (*proxy_grads)(const ProxyArgs&);
+  void (*parameter_grads)(const ParameterArgs&);
   const char* capability;
 };
 
 #define FUSEDNORM_KERNELS_OF(CAPABILITY)                                                     \
   Kernels {                                                                                  \
     CAPABILITY::forward, CAPABILITY::backward, CAPABILITY::proxy_stats,                      \
-        CAPABILITY::proxy_grads, #CAPABILITY                                                 \
+        CAPABILITY::parameter_grads, #CAPABILITY                                             \
   }
 
 const Kernels& kernels() {
@@ -59,101 +59,88 @@ ProblemArgs problem_args(const Problem& p, const at::Tensor& x, int64_t activati
   return {kernel_dtype(x.scalar_type()), p.N, p.C, p.S, p.G, p.channels_last, activation, slope};
 }
 
-ProxyArgs proxy_args(const Params& params, int64_t activation, double slope, double proxy_eps,
-                     const at::Tensor& samples) {
-  ProxyArgs args{};
+// Row i of the (2, C) proxy statistics: 0 m_c, 1 s_c.
+void* proxy_row(const at::Tensor& proxy_stats, int i) {
+  return static_cast<char*>(proxy_stats.mutable_data_ptr()) +
+         i * proxy_stats.size(1) * proxy_stats.element_size();
+}
+
+// The parameters and, with PN, the samples and the proxy statistics (2, C): m_c, s_c.
+void fill_proxy_args(ProxyArgs& args, const Params& params, int64_t activation, double slope,
+                     double proxy_eps, int64_t num_samples, const at::Tensor& proxy_stats) {
   args.is_double = params.weight.scalar_type() == at::kDouble;
   args.C = params.weight.size(0);
-  args.K = samples.size(0);
   args.activation = activation;
   args.slope = slope;
   args.proxy_eps = proxy_eps;
   args.weight = params.weight.const_data_ptr();
   args.bias = params.bias.const_data_ptr();
-  args.proxy_bias = params.proxy_bias.const_data_ptr();
-  args.proxy_weight = params.proxy_weight.const_data_ptr();
-  args.samples = samples.const_data_ptr();
-  return args;
-}
-
-// Per-channel proxy mean m_c and scale s_c = 1 / sqrt(v_c + proxy_eps).
-std::pair<at::Tensor, at::Tensor> proxy_statistics(const Params& params, int64_t activation,
-                                                   double slope, double proxy_eps,
-                                                   int64_t num_samples) {
-  at::Tensor mean = at::empty_like(params.weight), scale = at::empty_like(params.weight);
-  ProxyArgs args = proxy_args(params, activation, slope, proxy_eps,
-                              proxy_samples(num_samples, params.weight.options()));
-  args.proxy_mean = mean.mutable_data_ptr();
-  args.proxy_scale = scale.mutable_data_ptr();
-  kernels().proxy_stats(args);
-  return {mean, scale};
-}
-
-// (4, C): dgamma, dbeta, dbeta~, dgamma~ from the (N, C, 4) partials, reduced over n in order,
-// plus (with PN) the proxy terms, given the proxy statistics of the forward's parameters.
-at::Tensor parameter_gradients(const at::Tensor& partials, const Params& params, bool proxy,
-                               bool has_proxy_bias, bool has_proxy_weight, int64_t activation,
-                               double slope, double proxy_eps, int64_t num_samples,
-                               const at::Tensor& proxy_mean, const at::Tensor& proxy_scale) {
-  RECORD_FUNCTION("fusednorm_cpu::parameter_gradients", c10::ArrayRef<const c10::IValue>{});
-  const int64_t N = partials.size(0), C = partials.size(1);
-  // Rows dweight (sum B), dbias (sum A), D, E; with PN rows 2 and 3 become the proxy gradients.
-  at::Tensor grads = at::empty({4, C}, partials.options());
-  AT_DISPATCH_FLOATING_TYPES(partials.scalar_type(), "fusednorm_parameter_gradients", [&] {
-    using acc_t = scalar_t;
-    const acc_t* part = partials.const_data_ptr<acc_t>();
-    acc_t* out = grads.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        acc_t sum_a = 0, sum_b = 0, sum_d = 0, sum_e = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          const acc_t* p = part + (n * C + c) * 4;
-          sum_a += p[0];
-          sum_b += p[1];
-          sum_d += p[2];
-          sum_e += p[3];
-        }
-        out[c] = sum_b;
-        out[C + c] = sum_a;
-        out[2 * C + c] = sum_d;
-        out[3 * C + c] = sum_e;
-      }
-    });
-  });
-  if (!proxy) {
-    grads.narrow(0, 2, 2).zero_();
-    return grads;
+  args.proxy_bias = params.proxy_bias.defined() ? params.proxy_bias.const_data_ptr() : nullptr;
+  args.proxy_weight =
+      params.proxy_weight.defined() ? params.proxy_weight.const_data_ptr() : nullptr;
+  if (proxy_stats.defined()) {
+    const at::Tensor& samples = proxy_samples(num_samples, params.weight.options());
+    args.K = samples.size(0);
+    args.samples = samples.const_data_ptr();
+    args.proxy_mean = proxy_row(proxy_stats, 0);
+    args.proxy_scale = proxy_row(proxy_stats, 1);
   }
-  const at::Tensor sums = grads.narrow(0, 2, 2).clone();  // D_c, E_c: read while rows 2-3 change
-  ProxyArgs args = proxy_args(params, activation, slope, proxy_eps,
-                              proxy_samples(num_samples, params.weight.options()));
-  args.proxy_mean = proxy_mean.mutable_data_ptr();
-  args.proxy_scale = proxy_scale.mutable_data_ptr();
-  args.sum_d = sums[0].const_data_ptr();
-  args.sum_e = sums[1].const_data_ptr();
-  args.dweight = grads[0].mutable_data_ptr();
-  args.dbias = grads[1].mutable_data_ptr();
-  args.dproxy_bias = grads[2].mutable_data_ptr();
-  args.dproxy_weight = grads[3].mutable_data_ptr();
-  kernels().proxy_grads(args);
-  if (!has_proxy_bias) grads[2].zero_();
-  if (!has_proxy_weight) grads[3].zero_();
-  return grads;
 }
+
+// (2, C): the per-channel proxy mean m_c and scale s_c = 1 / sqrt(v_c + proxy_eps).
+at::Tensor proxy_statistics(const Params& params, int64_t activation, double slope,
+                            double proxy_eps, int64_t num_samples) {
+  at::Tensor stats = at::empty({2, params.weight.size(0)}, params.weight.options());
+  ProxyArgs args{};
+  fill_proxy_args(args, params, activation, slope, proxy_eps, num_samples, stats);
+  kernels().proxy_stats(args);
+  return stats;
+}
+
+// The proxy statistics of a forward or backward call: those given (checked), else computed;
+// undefined without PN.
+at::Tensor proxy_stats_of(const char* op, const std::optional<at::Tensor>& given,
+                          const at::Tensor& x, const Params& params, bool proxy,
+                          int64_t activation, double slope, double proxy_eps,
+                          int64_t num_samples) {
+  if (!proxy) return at::Tensor();
+  if (given) return check_proxy_stats(op, *given, x);
+  return proxy_statistics(params, activation, slope, proxy_eps, num_samples);
+}
+
+at::Tensor proxy_statistics_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                const at::Tensor& bias,
+                                const std::optional<at::Tensor>& proxy_bias,
+                                const std::optional<at::Tensor>& proxy_weight, int64_t activation,
+                                double slope, double proxy_eps, int64_t num_proxy_samples) {
+  const Params params = prepare_proxy_statistics(x, weight, bias, proxy_bias, proxy_weight,
+                                                 activation, num_proxy_samples);
+  return proxy_statistics(params, activation, slope, proxy_eps, num_proxy_samples);
+}
+
+// A parameter's gradient: written by the kernel in the accumulation dtype, returned in the
+// parameter's (the weight's for an absent proxy parameter).
+struct ParameterGradient {
+  at::Tensor acc;
+  at::ScalarType dtype;
+  ParameterGradient(const std::optional<at::Tensor>& param, const at::Tensor& weight,
+                    const at::TensorOptions& acc_options)
+      : acc(at::empty({weight.size(0)}, acc_options)),
+        dtype((param ? *param : weight).scalar_type()) {}
+  at::Tensor result() const { return acc.scalar_type() == dtype ? acc : acc.to(dtype); }
+};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& proxy_bias, const std::optional<at::Tensor>& proxy_weight,
     int64_t num_groups, int64_t activation, double slope, double eps, double proxy_eps,
-    int64_t num_proxy_samples, bool proxy) {
+    int64_t num_proxy_samples, bool proxy, const std::optional<at::Tensor>& given_proxy_stats) {
   const ForwardCall call = prepare_forward(input, weight, bias, proxy_bias, proxy_weight,
                                            num_groups, activation, eps, num_proxy_samples, proxy);
   if (call.empty) return {call.y, call.mean, call.rstd};
-  at::Tensor proxy_mean, proxy_scale;
-  if (proxy) {
-    std::tie(proxy_mean, proxy_scale) =
-        proxy_statistics(call.params, activation, slope, proxy_eps, num_proxy_samples);
-  }
+  const at::Tensor proxy_stats = proxy_stats_of("forward", given_proxy_stats, call.x, call.params,
+                                                proxy, activation, slope, proxy_eps,
+                                                num_proxy_samples);
   ForwardArgs args;
   static_cast<ProblemArgs&>(args) = problem_args(call.p, call.x, activation, slope);
   args.eps = eps;
@@ -161,8 +148,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(
   args.y = call.y.mutable_data_ptr();
   args.weight = call.params.weight.const_data_ptr();
   args.bias = call.params.bias.const_data_ptr();
-  args.proxy_mean = proxy ? proxy_mean.const_data_ptr() : nullptr;
-  args.proxy_scale = proxy ? proxy_scale.const_data_ptr() : nullptr;
+  args.proxy_mean = proxy ? proxy_row(proxy_stats, 0) : nullptr;
+  args.proxy_scale = proxy ? proxy_row(proxy_stats, 1) : nullptr;
   args.mean = call.mean.mutable_data_ptr();
   args.rstd = call.rstd.mutable_data_ptr();
   kernels().forward(args);
@@ -174,19 +161,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
     const std::optional<at::Tensor>& proxy_weight, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t num_groups, int64_t activation, double slope,
-    double proxy_eps, int64_t num_proxy_samples, bool proxy) {
+    double proxy_eps, int64_t num_proxy_samples, bool proxy,
+    const std::optional<at::Tensor>& given_proxy_stats) {
   const BackwardCall call =
       prepare_backward(grad_out, input, weight, bias, proxy_bias, proxy_weight, mean, rstd,
                        num_groups, activation, num_proxy_samples, proxy);
   const Problem& p = call.p;
   // The kernel writes every (n, c) entry; without elements (S = 0) the sums are zeros.
-  at::Tensor partials = call.x.numel() > 0 ? at::empty({p.N, p.C, 4}, call.acc_options)
-                                           : at::zeros({p.N, p.C, 4}, call.acc_options);
-  at::Tensor proxy_mean, proxy_scale;
-  if (proxy) {
-    std::tie(proxy_mean, proxy_scale) =
-        proxy_statistics(call.params, activation, slope, proxy_eps, num_proxy_samples);
-  }
+  at::Tensor partials = call.x.numel() > 0 ? at::empty({p.N, 4, p.C}, call.acc_options)
+                                           : at::zeros({p.N, 4, p.C}, call.acc_options);
+  const at::Tensor proxy_stats = proxy_stats_of("backward", given_proxy_stats, call.x,
+                                                call.params, proxy, activation, slope, proxy_eps,
+                                                num_proxy_samples);
   if (call.x.numel() > 0) {
     BackwardArgs args;
     static_cast<ProblemArgs&>(args) = problem_args(p, call.x, activation, slope);
@@ -197,15 +183,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     args.rstd = call.rstd.const_data_ptr();
     args.weight = call.params.weight.const_data_ptr();
     args.bias = call.params.bias.const_data_ptr();
-    args.proxy_scale = proxy ? proxy_scale.const_data_ptr() : nullptr;
+    args.proxy_scale = proxy ? proxy_row(proxy_stats, 1) : nullptr;
     args.partials = partials.mutable_data_ptr();
     kernels().backward(args);
   }
-  const at::Tensor grads =
-      parameter_gradients(partials, call.params, proxy, proxy_bias.has_value(),
-                          proxy_weight.has_value(), activation, slope, proxy_eps,
-                          num_proxy_samples, proxy_mean, proxy_scale);
-  return backward_outputs(call.dx, grads, weight, bias, proxy_bias, proxy_weight);
+  const ParameterGradient dweight(weight, weight, call.acc_options),
+      dbias(bias, weight, call.acc_options), dproxy_bias(proxy_bias, weight, call.acc_options),
+      dproxy_weight(proxy_weight, weight, call.acc_options);
+  ParameterArgs args{};
+  fill_proxy_args(args, call.params, activation, slope, proxy_eps, num_proxy_samples,
+                  proxy_stats);
+  args.N = p.N;
+  args.proxy = proxy;
+  args.partials = partials.const_data_ptr();
+  args.dweight = dweight.acc.mutable_data_ptr();
+  args.dbias = dbias.acc.mutable_data_ptr();
+  args.dproxy_bias = dproxy_bias.acc.mutable_data_ptr();
+  args.dproxy_weight = dproxy_weight.acc.mutable_data_ptr();
+  kernels().parameter_grads(args);
+  return {call.dx, dweight.result(), dbias.result(), dproxy_bias.result(),
+          dproxy_weight.result()};
 }
 
 }  // namespace
@@ -215,6 +212,7 @@ const char* kernel_capability() { return kernels().capability; }
 TORCH_LIBRARY_IMPL(fusednorm, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("backward", &backward_cpu);
+  m.impl("proxy_statistics", &proxy_statistics_cpu);
 }
 
 }  // namespace fusednorm::cpu

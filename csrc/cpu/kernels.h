@@ -43,29 +43,36 @@ struct BackwardArgs : ProblemArgs {
   const void* weight;       // (C,) gamma
   const void* bias;         // (C,) beta
   const void* proxy_scale;  // (C,) s_c, or nullptr: Proxy Normalization off
-  void* partials;           // out (N, C, 4): sum_s g_z, g_z*xhat, g, g*a (the last two with PN)
+  void* partials;           // out (N, 4, C): planes sum_s g_z, g_z*xhat, g, g*a (the last two
+                            // with PN; zeros without)
 };
 
-// The per-channel proxy computations (proxy_kernels.cpp), in the accumulation dtype. proxy_stats
-// reads the parameters and samples and writes proxy_mean/proxy_scale; proxy_grads also reads
-// them and sum_d/sum_e, adds the proxy terms to dweight/dbias and writes dproxy_*.
+// The per-channel computations (proxy_kernels.cpp), in the accumulation dtype. proxy_stats reads
+// the parameters and samples and writes proxy_mean/proxy_scale.
 struct ProxyArgs {
   bool is_double;  // double (fp64 input), else float
   int64_t C, K, activation;
   double slope, proxy_eps;
   const void* weight;        // (C,) gamma
   const void* bias;          // (C,) beta
-  const void* proxy_bias;    // (C,) beta~ (zeros when absent)
-  const void* proxy_weight;  // (C,) gamma~ (zeros when absent)
-  const void* samples;       // (K,) u_k
-  void* proxy_mean;          // (C,) m_c: out of proxy_stats, in to proxy_grads
+  const void* proxy_bias;    // (C,) beta~, or nullptr: zeros
+  const void* proxy_weight;  // (C,) gamma~, or nullptr: zeros
+  const void* samples;       // (K,) u_k (PN only)
+  void* proxy_mean;          // (C,) m_c: out of proxy_stats, in to parameter_grads (PN only)
   void* proxy_scale;         // (C,) s_c: likewise
-  const void* sum_d;         // (C,) D_c = sum_n D_nc (proxy_grads only)
-  const void* sum_e;         // (C,) E_c
-  void* dweight;             // (C,) in/out: += sum_k h X
-  void* dbias;               // (C,) in/out: += sum_k h
-  void* dproxy_bias;         // (C,) out
-  void* dproxy_weight;       // (C,) out
+};
+
+// parameter_grads: the partials reduced over n in order, plus with PN the proxy terms:
+// dweight = sum B (+ sum_k h X), dbias = sum A (+ sum_k h), dproxy_* from the proxy terms (zeros
+// for an absent parameter, or without PN).
+struct ParameterArgs : ProxyArgs {
+  int64_t N;
+  bool proxy;
+  const void* partials;  // (N, 4, C) of the backward kernel
+  void* dweight;         // out (C,)
+  void* dbias;           // out (C,)
+  void* dproxy_bias;     // out (C,)
+  void* dproxy_weight;   // out (C,)
 };
 
 #define FUSEDNORM_DECLARE_CPU_KERNELS(CAPABILITY)  \
@@ -73,7 +80,7 @@ struct ProxyArgs {
   void forward(const ForwardArgs& args);           \
   void backward(const BackwardArgs& args);         \
   void proxy_stats(const ProxyArgs& args);         \
-  void proxy_grads(const ProxyArgs& args);         \
+  void parameter_grads(const ParameterArgs& args); \
   }
 
 FUSEDNORM_DECLARE_CPU_KERNELS(DEFAULT)

@@ -229,6 +229,14 @@ inline bool one_task_each(int64_t items) {
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Grain of a parallel phase whose items cost `work_per_item` elements each: a thread gets at
+// least kMinTaskWork elements, so a small call runs on the calling thread instead of paying for
+// waking the others (a few microseconds per phase, more than its work).
+constexpr int64_t kMinTaskWork = 1 << 14;
+inline int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(1, work_per_item));
+}
+
 // Channels-last strips: kStripVecs accumulation vectors of channels (64 fp32 channels with
 // AVX-512) whose per-channel constants and sums stay in registers while a loop runs down the
 // rows. Per element that is one load (and one store), where a loop along each row of C channels

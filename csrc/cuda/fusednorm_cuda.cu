@@ -23,13 +23,13 @@ int64_t target_blocks() {
   return 4 * static_cast<int64_t>(sm_count);
 }
 
-std::pair<at::Tensor, at::Tensor> proxy_statistics(const at::Tensor& weight, const at::Tensor& bias,
-                                                   const at::Tensor& proxy_bias,
-                                                   const at::Tensor& proxy_weight,
-                                                   const at::Tensor& samples, int64_t activation,
-                                                   double slope, double proxy_eps) {
+at::Tensor proxy_statistics(const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& proxy_bias, const at::Tensor& proxy_weight,
+                            const at::Tensor& samples, int64_t activation, double slope,
+                            double proxy_eps) {
   const int64_t C = weight.size(0);
-  at::Tensor mean = at::empty_like(weight), scale = at::empty_like(weight);
+  at::Tensor stats = at::empty({2, C}, weight.options());
+  at::Tensor mean = stats[0], scale = stats[1];
   const int threads = 128;
   const auto blocks = static_cast<unsigned>((C + threads - 1) / threads);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -44,26 +44,59 @@ std::pair<at::Tensor, at::Tensor> proxy_statistics(const at::Tensor& weight, con
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {mean, scale};
+  return stats;
 }
 
 namespace {
+
+// The CUDA kernels read every parameter: zeros stand in for an absent proxy parameter.
+Params with_proxy_zeros(Params params) {
+  for (at::Tensor* param : {&params.proxy_bias, &params.proxy_weight}) {
+    if (!param->defined()) *param = at::zeros_like(params.weight);
+  }
+  return params;
+}
+
+// The (2, C) proxy statistics of a forward or backward call: those given (checked), else
+// computed.
+at::Tensor proxy_stats_of(const char* op, const std::optional<at::Tensor>& given,
+                          const at::Tensor& x, const Params& params, int64_t activation,
+                          double slope, double proxy_eps, int64_t num_proxy_samples) {
+  if (given) return check_proxy_stats(op, *given, x);
+  return proxy_statistics(params.weight, params.bias, params.proxy_bias, params.proxy_weight,
+                          proxy_samples(num_proxy_samples, params.weight.options()), activation,
+                          slope, proxy_eps);
+}
+
+at::Tensor proxy_statistics_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& bias,
+                                 const std::optional<at::Tensor>& proxy_bias,
+                                 const std::optional<at::Tensor>& proxy_weight,
+                                 int64_t activation, double slope, double proxy_eps,
+                                 int64_t num_proxy_samples) {
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  Params params = prepare_proxy_statistics(x, weight, bias, proxy_bias, proxy_weight, activation,
+                                           num_proxy_samples);
+  return proxy_stats_of("proxy_statistics", std::nullopt, x, with_proxy_zeros(params),
+                        activation, slope, proxy_eps, num_proxy_samples);
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
     const std::optional<at::Tensor>& proxy_bias, const std::optional<at::Tensor>& proxy_weight,
     int64_t num_groups, int64_t activation, double slope, double eps, double proxy_eps,
-    int64_t num_proxy_samples, bool proxy) {
+    int64_t num_proxy_samples, bool proxy, const std::optional<at::Tensor>& given_proxy_stats) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   const ForwardCall call = prepare_forward(input, weight, bias, proxy_bias, proxy_weight,
                                            num_groups, activation, eps, num_proxy_samples, proxy);
   if (call.empty) return {call.y, call.mean, call.rstd};
-  const Params& params = call.params;
+  const Params params = with_proxy_zeros(call.params);
   at::Tensor proxy_mean, proxy_scale;
   if (proxy) {
-    std::tie(proxy_mean, proxy_scale) = proxy_statistics(
-        params.weight, params.bias, params.proxy_bias, params.proxy_weight,
-        proxy_samples(num_proxy_samples, call.acc_options), activation, slope, proxy_eps);
+    const at::Tensor stats = proxy_stats_of("forward", given_proxy_stats, call.x, params,
+                                            activation, slope, proxy_eps, num_proxy_samples);
+    proxy_mean = stats[0];
+    proxy_scale = stats[1];
   }
   launch_forward(call.p, activation, slope, eps, call.x, call.y, params.weight, params.bias,
                  proxy_mean, proxy_scale, call.mean, call.rstd);
@@ -75,12 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
     const std::optional<at::Tensor>& proxy_weight, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t num_groups, int64_t activation, double slope,
-    double proxy_eps, int64_t num_proxy_samples, bool proxy) {
+    double proxy_eps, int64_t num_proxy_samples, bool proxy,
+    const std::optional<at::Tensor>& given_proxy_stats) {
   const c10::cuda::CUDAGuard device_guard(input.device());
   const BackwardCall call =
       prepare_backward(grad_out, input, weight, bias, proxy_bias, proxy_weight, mean, rstd,
                        num_groups, activation, num_proxy_samples, proxy);
-  const Params& params = call.params;
+  const Params params = with_proxy_zeros(call.params);
   at::Tensor grads;
   if (call.x.numel() == 0) {
     grads = at::zeros({4, call.p.C}, call.acc_options);
@@ -88,9 +122,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     at::Tensor samples, proxy_scale;
     if (proxy) {
       samples = proxy_samples(num_proxy_samples, call.acc_options);
-      proxy_scale = proxy_statistics(params.weight, params.bias, params.proxy_bias,
-                                     params.proxy_weight, samples, activation, slope, proxy_eps)
-                        .second;
+      proxy_scale = proxy_stats_of("backward", given_proxy_stats, call.x, params, activation,
+                                   slope, proxy_eps, num_proxy_samples)[1];
     }
     grads = launch_backward(call.p, activation, slope, proxy_eps, proxy, proxy_bias.has_value(),
                             proxy_weight.has_value(), call.grad, call.x, call.dx, call.mean,
@@ -105,6 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 TORCH_LIBRARY_IMPL(fusednorm, CUDA, m) {
   m.impl("forward", &forward_cuda);
   m.impl("backward", &backward_cuda);
+  m.impl("proxy_statistics", &proxy_statistics_cuda);
 }
 
 }  // namespace fusednorm::cuda

@@ -39,12 +39,12 @@ void dispatch_layout_and_index(const Problem& p, bool index_64, Fn&& fn) {
 // Thread blocks that fill the current device (a few per SM); decides when to split reductions.
 int64_t target_blocks();
 
-// Per-channel m_c, s_c in the accumulation dtype, from the samples u (K,) of proxy_samples.
-std::pair<at::Tensor, at::Tensor> proxy_statistics(const at::Tensor& weight, const at::Tensor& bias,
-                                                   const at::Tensor& proxy_bias,
-                                                   const at::Tensor& proxy_weight,
-                                                   const at::Tensor& samples, int64_t activation,
-                                                   double slope, double proxy_eps);
+// (2, C): per-channel m_c, s_c in the accumulation dtype, from the samples u (K,) of
+// proxy_samples.
+at::Tensor proxy_statistics(const at::Tensor& weight, const at::Tensor& bias,
+                            const at::Tensor& proxy_bias, const at::Tensor& proxy_weight,
+                            const at::Tensor& samples, int64_t activation, double slope,
+                            double proxy_eps);
 
 void launch_forward(const Problem& p, int64_t activation, double slope, double eps,
                     const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight,
