@@ -75,10 +75,10 @@ at::Tensor proxy_statistics_cuda(const at::Tensor& x, const at::Tensor& weight,
                                  int64_t activation, double slope, double proxy_eps,
                                  int64_t num_proxy_samples) {
   const c10::cuda::CUDAGuard device_guard(x.device());
-  Params params = prepare_proxy_statistics(x, weight, bias, proxy_bias, proxy_weight, activation,
-                                           num_proxy_samples);
-  return proxy_stats_of("proxy_statistics", std::nullopt, x, with_proxy_zeros(params),
-                        activation, slope, proxy_eps, num_proxy_samples);
+  const Params params = with_proxy_zeros(prepare_proxy_statistics(
+      x, weight, bias, proxy_bias, proxy_weight, activation, num_proxy_samples));
+  return proxy_stats_of("proxy_statistics", std::nullopt, x, params, activation, slope,
+                        proxy_eps, num_proxy_samples);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
