@@ -62,11 +62,14 @@ def environment(settings):
                 os.environ[name] = value
 
 
-def measure_case(case, inputs, providers, dtype_name, layout, args, timer, copy_gbps,
+def measure_case(case, inputs, providers, dtype_name, layout, args, timer,
                  failed) -> list[Result]:
     """Every mode of every provider on one case, interleaved: each round of repeats times every
     (provider, mode) once, in an order rotated by one each round, so that a slow spell of a
-    shared machine falls on all providers alike rather than on whichever ran then."""
+    shared machine falls on all providers alike rather than on whichever ran then. Each round
+    also times a copy of x (2T bytes): copy% is against that copy's bandwidth, measured in the
+    same rounds, not against a bandwidth measured minutes earlier (on a shared machine the two
+    differ by up to 40%)."""
     x = inputs.x
     t_bytes = x.numel() * x.element_size()
     grad_y = torch.randn_like(x)  # x's layout
@@ -86,7 +89,11 @@ def measure_case(case, inputs, providers, dtype_name, layout, args, timer, copy_
         calls.update({(provider, mode): fn for mode, fn in fns.items()})
     times = {key: [] for key in calls}
     keys = list(calls)
+    copy_source = x.detach()
+    copy_target = torch.empty_like(copy_source)
+    copy_times = []
     for round_index in range(args.repeats):
+        copy_times.append(timer.once(lambda: copy_target.copy_(copy_source)))
         shift = round_index % len(keys) if keys else 0
         for provider, mode in keys[shift:] + keys[:shift]:
             if (provider, mode) not in times:
@@ -98,6 +105,7 @@ def measure_case(case, inputs, providers, dtype_name, layout, args, timer, copy_
                 report_failure(failed, provider, case, dtype_name, layout, error)
                 for key in [k for k in times if k[0] is provider]:
                     del times[key]
+    case_copy_gbps = 2 * t_bytes / (float(np.median(copy_times)) * 1e-3) / 1e9
     results = []
     for (provider, mode), measured in times.items():
         peak = peak_memory_bytes(calls[provider, mode]) / 2**20 if x.is_cuda else None
@@ -105,7 +113,8 @@ def measure_case(case, inputs, providers, dtype_name, layout, args, timer, copy_
         gbps = ROOFLINE_FACTOR[mode] * t_bytes / (ms * 1e-3) / 1e9
         results.append(Result(case.shape_set, case.shape_text, case.op_text, dtype_name, layout,
                               mode, provider.name, ms, p20, p80, float(min(measured)), gbps,
-                              gbps / copy_gbps, float("nan"), peak))
+                              gbps / case_copy_gbps, float("nan"), peak,
+                              case_copy_gbps=case_copy_gbps))
     calls.clear()  # frees the graphs the backward-only calls retain
     # After the timing, so that compilation happens outside the hooks; once per provider.
     saved_over_t = {}
@@ -137,7 +146,7 @@ def run(args, device, providers, skipped) -> tuple[list[Result], float]:
                 torch._dynamo.reset()  # static shapes per case; no recompile limit across cases
                 inputs = make_inputs(case, DTYPES[dtype_name], layout, device)
                 measured = measure_case(case, inputs, providers, dtype_name, layout, args, timer,
-                                        copy_gbps, skipped)
+                                        skipped)
                 results += measured
                 for mode in args.modes:
                     print(f"  {case.shape_text} {case.op_text} {dtype_name} {layout} {mode}: "
@@ -250,7 +259,8 @@ def main(argv=None) -> None:
 
     print()
     print(f"effective GB/s against the roofline bytes (fwd 2T, bwd 3T, fwd+bwd 5T); copy% of the "
-          f"measured copy bandwidth {copy_gbps:.1f} GB/s; saved/T = bytes saved for backward / T")
+          f"bandwidth of a copy of x timed in the same rounds (copy GB/s; a 64 MB copy at the "
+          f"start: {copy_gbps:.1f} GB/s); saved/T = bytes saved for backward / T")
     print(results_table(results))
     speedups = speedup_table(results)
     if speedups:

@@ -130,3 +130,22 @@ def test_interleaved_timer_times_single_calls():
     calls = []
     ms = timer.once(lambda: calls.append(1))
     assert calls == [1] and ms >= 0
+
+
+def test_measure_case_takes_copy_percent_from_a_copy_timed_in_its_rounds():
+    import argparse
+
+    import group_norm_proxy_act as bench
+
+    case = CASES[0]
+    inputs = cases.make_inputs(case, torch.float32, "nchw", CPU)
+    chosen = [providers.PROVIDERS[name] for name in ("native-gn", "batchnorm")]
+    args = argparse.Namespace(modes=["fwd", "fwd+bwd"], warmup=1, repeats=3)
+    failed = []
+    results = bench.measure_case(case, inputs, chosen, "fp32", "nchw", args, timing.Timer(CPU),
+                                 failed)
+    assert not failed and len(results) == 4
+    copy_gbps = {r.case_copy_gbps for r in results}
+    assert len(copy_gbps) == 1 and next(iter(copy_gbps)) > 0
+    for r in results:
+        assert r.copy_fraction == pytest.approx(r.gbps / r.case_copy_gbps)
