@@ -50,9 +50,24 @@ at::ScalarType accumulation_type(at::ScalarType dtype) {
 }
 
 namespace {
+void check_has_channels(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, "fusednorm::", op, ": x must have shape (N, C, *spatial), got ",
+              x.sizes());
+}
+
 void check_activation(const char* op, int64_t activation) {
   TORCH_CHECK(activation >= 0 && activation < kNumActivations, "fusednorm::", op,
               ": unknown activation id ", activation, " (expected 0-", kNumActivations - 1, ")");
+}
+
+// The four parameters of x's channels (the proxy ones when given).
+void check_params(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                  const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
+                  const std::optional<at::Tensor>& proxy_weight) {
+  check_param(op, "weight", weight, x);
+  check_param(op, "bias", bias, x);
+  if (proxy_bias) check_param(op, "proxy_bias", *proxy_bias, x);
+  if (proxy_weight) check_param(op, "proxy_weight", *proxy_weight, x);
 }
 
 void check_num_proxy_samples(const char* op, int64_t num_proxy_samples) {
@@ -65,8 +80,7 @@ Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& w
                         const at::Tensor& bias, const std::optional<at::Tensor>& proxy_bias,
                         const std::optional<at::Tensor>& proxy_weight, int64_t num_groups,
                         int64_t activation, int64_t num_proxy_samples, bool proxy) {
-  TORCH_CHECK(x.dim() >= 2, "fusednorm::", op, ": x must have shape (N, C, *spatial), got ",
-              x.sizes());
+  check_has_channels(op, x);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                   dtype == at::kBFloat16,
@@ -75,10 +89,7 @@ Problem check_arguments(const char* op, const at::Tensor& x, const at::Tensor& w
               ": C=", x.size(1), " is not divisible by num_groups=", num_groups);
   check_activation(op, activation);
   if (proxy) check_num_proxy_samples(op, num_proxy_samples);
-  check_param(op, "weight", weight, x);
-  check_param(op, "bias", bias, x);
-  if (proxy_bias) check_param(op, "proxy_bias", *proxy_bias, x);
-  if (proxy_weight) check_param(op, "proxy_weight", *proxy_weight, x);
+  check_params(op, x, weight, bias, proxy_bias, proxy_weight);
 
   Problem p;
   p.N = x.size(0);
@@ -135,14 +146,10 @@ Params prepare_proxy_statistics(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& proxy_weight,
                                 int64_t activation, int64_t num_proxy_samples) {
   const char* op = "proxy_statistics";
-  TORCH_CHECK(x.dim() >= 2, "fusednorm::", op, ": x must have shape (N, C, *spatial), got ",
-              x.sizes());
+  check_has_channels(op, x);
   check_activation(op, activation);
   check_num_proxy_samples(op, num_proxy_samples);
-  check_param(op, "weight", weight, x);
-  check_param(op, "bias", bias, x);
-  if (proxy_bias) check_param(op, "proxy_bias", *proxy_bias, x);
-  if (proxy_weight) check_param(op, "proxy_weight", *proxy_weight, x);
+  check_params(op, x, weight, bias, proxy_bias, proxy_weight);
   return params_as(weight, bias, proxy_bias, proxy_weight,
                    x.options().dtype(accumulation_type(x.scalar_type())));
 }
