@@ -94,6 +94,9 @@ SUBPROCESS_CHECK = textwrap.dedent("""
                                     channels_last=channels_last)
             check_against_reference("cpu", (1, 4, 70, 70), 1, activation="relu", dtype=dtype,
                                     proxy=False, channels_last=channels_last)
+            # ReLU-like with PN: channels-last derives sum g * act(z) from two other sums.
+            check_against_reference("cpu", (2, 20, 9, 7), 5, activation=("leaky_relu", 0.1),
+                                    dtype=dtype, channels_last=channels_last)
 """)
 
 

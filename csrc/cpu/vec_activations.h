@@ -15,7 +15,7 @@ inline Vec act_value_vec(const Vec& z, const Vec& slope) {
   using T = typename Vec::value_type;
   const Vec zero(T(0)), one(T(1));
   if constexpr (ACT == kRelu) {
-    return at::vec::maximum(z, zero);  // IEEE maximum: NaN stays NaN
+    return at::vec::clamp_min(z, zero);  // NaN stays NaN (one max instruction on AVX)
   } else if constexpr (ACT == kSilu) {
     return z / (one + z.neg().exp());  // as ATen's silu: one division, no reciprocal
   } else if constexpr (ACT == kGelu) {
@@ -25,11 +25,17 @@ inline Vec act_value_vec(const Vec& z, const Vec& slope) {
     return Vec(T(0.5)) * z * (one + inner.tanh());
   } else if constexpr (ACT == kLeakyRelu) {
     // Exactly z or slope * z (one of the terms is 0), NaN stays NaN.
-    return at::vec::maximum(z, zero) + slope * at::vec::minimum(z, zero);
+    return at::vec::clamp_min(z, zero) + slope * at::vec::clamp_max(z, zero);
   } else {
     return z;
   }
 }
+
+// Whether act(z) = z * act'(z) for every z (piecewise linear through 0): then
+// sum g * act(z) = a1 * sum g act'(z) (x - mean) + beta * sum g act'(z) for z = a1 (x - mean) + beta,
+// and a backward need not accumulate it.
+template <int ACT>
+constexpr bool kActIsHomogeneous = ACT == kIdentity || ACT == kRelu || ACT == kLeakyRelu;
 
 template <int ACT, typename Vec>
 inline Vec act_grad_vec(const Vec& z, const Vec& slope) {
