@@ -13,7 +13,8 @@ flushed before it as triton.testing.do_bench does, after warm-up calls (the firs
 compiles). The providers and modes of a case are interleaved: each round of repeats times every
 one of them once, in a rotating order. Reported: the median with p20/p80, and the minimum; then,
 per case, which provider is fastest and where each fused provider trails a baseline. On CPU, freed memory stays in the process (see
-keep_freed_cpu_memory) so that timings do not depend on which page faults glibc happens to take.
+keep_freed_cpu_memory) so that timings do not depend on which page faults glibc happens to take,
+and tensors of 2 MB and more are on transparent huge pages (THP_MEM_ALLOC_ENABLE, below).
 "fwd" is a training forward (inputs require grad), "bwd" times autograd on a graph built once
 outside the timing, "fwd+bwd" both. Effective bandwidth is against the roofline bytes of
 docs/pn-math.md (2T forward, 3T backward, 5T both; T = bytes of x), also as a fraction of the measured
@@ -33,8 +34,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
+# CPU: tensors of 2 MB and more on transparent huge pages. On 4 KB pages how fast a buffer
+# streamed depended on the pages it got: copies of same-size tensors in one process took 41-45 or
+# 73-82 GB/s on the 2-core VM of bench/results (78 +- 2 GB/s each on huge pages), so a provider's
+# time depended on its allocations. c10 reads this at its first allocation: before torch is
+# imported. THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
@@ -238,6 +246,9 @@ def main(argv=None) -> None:
     cpu_allocator = None
     if device.type == "cpu" and not args.glibc_malloc_defaults:
         cpu_allocator = keep_freed_cpu_memory()
+    if device.type == "cpu" and os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
+        cpu_allocator = ", ".join(filter(None, [
+            cpu_allocator, "THP_MEM_ALLOC_ENABLE=1 (tensors of 2 MB and more on huge pages)"]))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"device: {device} ({device_name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
