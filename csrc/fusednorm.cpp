@@ -34,7 +34,7 @@ TORCH_LIBRARY(fusednorm, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusednorm C++/CUDA kernels; the ops are torch.ops.fusednorm.forward/backward";
   m.def("cpu_capability", &fusednorm::cpu::kernel_capability,
-        "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512");
+        "Instruction set of the CPU kernels in use: DEFAULT, AVX2, AVX512 or AVX512_BF16");
   // The ids compiled into the kernels; tests/test_activations.py checks them against the table
   // of fusednorm/activations.py.
   pybind11::dict ids;

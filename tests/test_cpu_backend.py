@@ -101,16 +101,17 @@ SUBPROCESS_CHECK = textwrap.dedent("""
 
 
 def test_every_built_instruction_set():
-    """Each copy of the kernels (DEFAULT, and AVX2/AVX512 where built and supported), chosen
-    with ATen's ATEN_CPU_CAPABILITY, against the reference: CI machines differ in what they use."""
-    levels = ["DEFAULT", "AVX2", "AVX512"]
+    """Each copy of the kernels (DEFAULT, and AVX2/AVX512/AVX512_BF16 where built and supported),
+    chosen with ATen's ATEN_CPU_CAPABILITY (and FUSEDNORM_NO_AVX512_BF16 for the AVX512 copy on a
+    CPU with AVX512-BF16), against the reference: CI machines differ in what they use."""
+    levels = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
     best = fusednorm._C.cpu_capability()
     lower = levels[:levels.index(best)]
     if not lower:
         pytest.skip(f"this CPU runs the {best} kernels only: no other copy to check here "
                     f"(the rest of the suite checks the {best} copy)")
     for level in lower:
-        env = dict(os.environ, ATEN_CPU_CAPABILITY=level.lower())
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=level.lower(), FUSEDNORM_NO_AVX512_BF16="1")
         result = subprocess.run([sys.executable, "-c", SUBPROCESS_CHECK, level], env=env,
                                 cwd=os.path.dirname(__file__), capture_output=True, text=True,
                                 timeout=300)

@@ -67,7 +67,8 @@ def test_info_lists_versions_backends_and_isa():
     assert "reference" in values["backends that run here"]
     if ops.extension_has_kernel("cpu"):
         assert "cpu" in values["backends that run here"]
-        assert values["CPU instruction set (C++ kernels)"] in ("DEFAULT", "AVX2", "AVX512")
+        assert values["CPU instruction set (C++ kernels)"] in (
+            "DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
     out = subprocess.run([sys.executable, "-m", "fusednorm"], capture_output=True, text=True,
                          check=True).stdout
     assert "backends that run here" in out and torch.__version__ in out

@@ -14,7 +14,7 @@
 #include <utility>
 #include <vector>
 
-namespace fusednorm::cpu::CPU_CAPABILITY {
+namespace fusednorm::cpu::FUSEDNORM_KERNELS {
 namespace {
 
 template <typename scalar_t>
@@ -426,4 +426,4 @@ void backward(const BackwardArgs& args) {
   dispatch_dtype(args.dtype, [&](auto tag) { backward_typed<decltype(tag)>(args); });
 }
 
-}  // namespace fusednorm::cpu::CPU_CAPABILITY
+}  // namespace fusednorm::cpu::FUSEDNORM_KERNELS

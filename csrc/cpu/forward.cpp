@@ -19,7 +19,7 @@
 #include <cmath>
 #include <vector>
 
-namespace fusednorm::cpu::CPU_CAPABILITY {
+namespace fusednorm::cpu::FUSEDNORM_KERNELS {
 namespace {
 
 // Group statistics as Welford states with exact int64 counts (welford.h).
@@ -323,4 +323,4 @@ void forward(const ForwardArgs& args) {
   dispatch_dtype(args.dtype, [&](auto tag) { forward_typed<decltype(tag)>(args); });
 }
 
-}  // namespace fusednorm::cpu::CPU_CAPABILITY
+}  // namespace fusednorm::cpu::FUSEDNORM_KERNELS

@@ -7,6 +7,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "../common.h"
@@ -32,6 +33,13 @@ struct Kernels {
 const Kernels& kernels() {
   static const Kernels chosen = [] {
     const std::string capability = at::get_cpu_capability();
+#ifdef FUSEDNORM_HAVE_AVX512_BF16
+    const char* no_bf16 = std::getenv("FUSEDNORM_NO_AVX512_BF16");
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") &&
+        !(no_bf16 != nullptr && std::string(no_bf16) == "1")) {
+      return FUSEDNORM_KERNELS_OF(AVX512_BF16);
+    }
+#endif
 #ifdef FUSEDNORM_HAVE_AVX512
     if (capability == "AVX512") return FUSEDNORM_KERNELS_OF(AVX512);
 #endif

@@ -86,13 +86,16 @@ struct ParameterArgs : ProxyArgs {
 FUSEDNORM_DECLARE_CPU_KERNELS(DEFAULT)
 FUSEDNORM_DECLARE_CPU_KERNELS(AVX2)
 FUSEDNORM_DECLARE_CPU_KERNELS(AVX512)
+FUSEDNORM_DECLARE_CPU_KERNELS(AVX512_BF16)
 
 #undef FUSEDNORM_DECLARE_CPU_KERNELS
 
 }  // namespace fusednorm::cpu
 
 namespace fusednorm::cpu {
-// The instruction set of the kernels in use ("DEFAULT", "AVX2" or "AVX512"): the best one built
-// that ATen's own capability allows (so ATEN_CPU_CAPABILITY=default selects DEFAULT).
+// The instruction set of the kernels in use ("DEFAULT", "AVX2", "AVX512" or "AVX512_BF16"): the
+// best one built that ATen's own capability allows (so ATEN_CPU_CAPABILITY=default selects
+// DEFAULT); AVX512_BF16 where ATen uses AVX512 and the CPU has AVX512-BF16, unless
+// FUSEDNORM_NO_AVX512_BF16=1.
 const char* kernel_capability();
 }  // namespace fusednorm::cpu

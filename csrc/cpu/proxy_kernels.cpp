@@ -10,7 +10,7 @@
 #include <array>
 #include <utility>
 
-namespace fusednorm::cpu::CPU_CAPABILITY {
+namespace fusednorm::cpu::FUSEDNORM_KERNELS {
 namespace {
 
 template <typename acc_t>
@@ -217,4 +217,4 @@ void parameter_grads(const ParameterArgs& args) {
   });
 }
 
-}  // namespace fusednorm::cpu::CPU_CAPABILITY
+}  // namespace fusednorm::cpu::FUSEDNORM_KERNELS

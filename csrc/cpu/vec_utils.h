@@ -1,13 +1,17 @@
 // Shared by forward.cpp and backward.cpp, the CPU kernels (see forward.cpp for the algorithm).
 //
 // Both files are compiled once per instruction set: setup.py builds them with
-// -DCPU_CAPABILITY=AVX2 / AVX512 and the matching -m flags besides the plain build (DEFAULT), so
-// everything here lives in a namespace named after the capability (fusednorm_cpu.cpp picks one
-// at run time), and in an anonymous namespace: each object file has its own copy.
+// -DCPU_CAPABILITY=AVX2 / AVX512 (ATen's vector types) and the matching -m flags besides the plain
+// build (DEFAULT), and once more as AVX512 with -mavx512bf16, so everything here lives in a
+// namespace named after the copy (FUSEDNORM_KERNELS; fusednorm_cpu.cpp picks one at run time),
+// and in an anonymous namespace: each object file has its own copy.
 #pragma once
 
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
+#endif
+#ifndef FUSEDNORM_KERNELS  // the namespace of this copy of the kernels
+#define FUSEDNORM_KERNELS CPU_CAPABILITY
 #endif
 
 #include <ATen/Parallel.h>
@@ -27,7 +31,7 @@
 #include "kernels.h"
 #include "vec_activations.h"
 
-namespace fusednorm::cpu::CPU_CAPABILITY {
+namespace fusednorm::cpu::FUSEDNORM_KERNELS {
 namespace {
 
 using at::vec::Vectorized;
@@ -74,8 +78,23 @@ struct IoReduced {
     at::vec::convert_from_float<scalar_t>(v[0], v[1]).store(p, count);
   }
 };
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+// fp32 -> bf16 with the AVX512-BF16 instruction (round to nearest even, as ATen's conversion,
+// which takes ~10 integer instructions per 16 values; denormal results flush to zero).
+template <>
+struct Io<c10::BFloat16> : IoReduced<c10::BFloat16> {
+  static void store(c10::BFloat16* p, const Vec* v) {
+    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+  }
+  static void store(c10::BFloat16* p, int64_t count, const Vec* v) {
+    _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t{1} << count) - 1),
+                             (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+  }
+};
+#else
 template <>
 struct Io<c10::BFloat16> : IoReduced<c10::BFloat16> {};
+#endif
 template <>
 struct Io<c10::Half> : IoReduced<c10::Half> {};
 
@@ -399,4 +418,4 @@ void dispatch_dtype(Dtype dtype, const F& f) {
 }
 
 }  // namespace
-}  // namespace fusednorm::cpu::CPU_CAPABILITY
+}  // namespace fusednorm::cpu::FUSEDNORM_KERNELS
