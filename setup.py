@@ -16,6 +16,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -65,11 +66,29 @@ def _warn(message):
     print(f"fusednorm setup: warning: {message}", file=sys.stderr)
 
 
+def _compiler_accepts(flags, source):
+    """Whether the C++ compiler ($CXX, else c++) compiles ``source`` with ``flags``."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        result = subprocess.run([compiler, *flags, "-x", "c++", "-fsyntax-only", "-"],
+                                input=source, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
 def _cpu_capabilities():
     """The instruction sets to build extra copies of the CPU kernels for (x86-64, GCC/Clang)."""
     if sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
-    return CPU_CAPABILITY_FLAGS
+    capabilities = dict(CPU_CAPABILITY_FLAGS)
+    bf16_probe = ("#include <immintrin.h>\n"
+                  "__m512bh f(__m512 a, __m512 b) { return _mm512_cvtne2ps_pbh(a, b); }\n")
+    if not _compiler_accepts(capabilities["AVX512_BF16"][1], bf16_probe):
+        _warn("the C++ compiler lacks -mavx512bf16 (GCC >= 10, Clang >= 9): bf16 kernels will "
+              "round with ATen's conversion on every CPU")
+        del capabilities["AVX512_BF16"]
+    return capabilities
 
 
 def _find_nvcc(cpp_extension):
