@@ -48,7 +48,7 @@ PER_CAPABILITY_SOURCES = ["csrc/cpu/forward.cpp", "csrc/cpu/backward.cpp",
 # name of the copy: (ATen's capability it is compiled as, its flags: those ATen compiles its own
 # AVX2/AVX512 kernels with).
 _AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
-CPU_CAPABILITY_FLAGS = {
+CPU_KERNEL_COPIES = {
     "AVX2": ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
     "AVX512": ("AVX512", _AVX512_FLAGS),
     # AVX-512 and the fp32 -> bf16 conversion instruction (Cooper Lake, Sapphire Rapids, Zen 4),
@@ -81,7 +81,7 @@ def _cpu_capabilities():
     """The instruction sets to build extra copies of the CPU kernels for (x86-64, GCC/Clang)."""
     if sys.platform == "win32" or platform.machine().lower() not in ("x86_64", "amd64"):
         return {}
-    capabilities = dict(CPU_CAPABILITY_FLAGS)
+    capabilities = dict(CPU_KERNEL_COPIES)
     bf16_probe = ("#include <immintrin.h>\n"
                   "__m512bh f(__m512 a, __m512 b) { return _mm512_cvtne2ps_pbh(a, b); }\n")
     if not _compiler_accepts(capabilities["AVX512_BF16"][1], bf16_probe):

@@ -294,47 +294,45 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     acc_t* total = task_sums.data() + task * kSums * P;
     const auto [first, last] = task_rows(task);
     const int64_t rows = last - first, first_offset = (n * S + first) * C;
-    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
-      with_strip_width<Strip>(std::min(Strip::kWidth, C - c0), [&](auto width) {
-        Vec vmean[kVecs], va1[kVecs], vbias[kVecs], xv[kVecs], gv[kVecs];
-        Vec gp_sum[kVecs], gpd_sum[kVecs], g_sum[kVecs], ga_sum[kVecs];
-        Strip::load_acc(mean.data() + c0, vmean);
-        Strip::load_acc(a1.data() + c0, va1);
-        Strip::load_acc(bias.data() + c0, vbias);
-        for (int j = 0; j < kVecs; ++j) gp_sum[j] = gpd_sum[j] = g_sum[j] = ga_sum[j] = Vec(0);
-        const int64_t offset = first_offset + c0;
-        for_strip_rows<Strip>(ctx.x + offset, ctx.grad + offset, rows, C, width, xv, gv,
-                              [&](int64_t) {
-          for (int j = 0; j < kVecs; ++j) {
-            const Vec d = xv[j] - vmean[j];
-            const Vec z = at::vec::fmadd(d, va1[j], vbias[j]);
-            const Vec gp = gv[j] * act_grad_vec<ACT>(z, slope);
-            gp_sum[j] += gp;
-            gpd_sum[j] = at::vec::fmadd(gp, d, gpd_sum[j]);
-            if constexpr (PROXY) {
-              g_sum[j] += gv[j];
-              if constexpr (!kActIsHomogeneous<ACT>) {
-                ga_sum[j] = at::vec::fmadd(gv[j], act_value_vec<ACT>(z, slope), ga_sum[j]);
-              }
+    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+      Vec vmean[kVecs], va1[kVecs], vbias[kVecs], xv[kVecs], gv[kVecs];
+      Vec gp_sum[kVecs], gpd_sum[kVecs], g_sum[kVecs], ga_sum[kVecs];
+      Strip::load_acc(mean.data() + c0, vmean);
+      Strip::load_acc(a1.data() + c0, va1);
+      Strip::load_acc(bias.data() + c0, vbias);
+      for (int j = 0; j < kVecs; ++j) gp_sum[j] = gpd_sum[j] = g_sum[j] = ga_sum[j] = Vec(0);
+      const int64_t offset = first_offset + c0;
+      for_strip_rows<Strip>(ctx.x + offset, ctx.grad + offset, rows, C, width, xv, gv,
+                            [&](int64_t) {
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec d = xv[j] - vmean[j];
+          const Vec z = at::vec::fmadd(d, va1[j], vbias[j]);
+          const Vec gp = gv[j] * act_grad_vec<ACT>(z, slope);
+          gp_sum[j] += gp;
+          gpd_sum[j] = at::vec::fmadd(gp, d, gpd_sum[j]);
+          if constexpr (PROXY) {
+            g_sum[j] += gv[j];
+            if constexpr (!kActIsHomogeneous<ACT>) {
+              ga_sum[j] = at::vec::fmadd(gv[j], act_value_vec<ACT>(z, slope), ga_sum[j]);
             }
           }
-        });
-        // Four sums and three constants of four vectors each, with the data, overflow the 32
-        // registers of AVX-512: the compiler spilled sums (a load and a store per row, the
-        // backward 1.3x slower). For ReLU-like activations the fourth sum follows from two.
-        if constexpr (PROXY && kActIsHomogeneous<ACT>) {
-          for (int j = 0; j < kVecs; ++j) {
-            ga_sum[j] = at::vec::fmadd(va1[j], gpd_sum[j], vbias[j] * gp_sum[j]);
-          }
-        }
-        Strip::store_acc(total + c0, gp_sum);
-        Strip::store_acc(total + P + c0, gpd_sum);
-        if constexpr (PROXY) {
-          Strip::store_acc(total + 2 * P + c0, g_sum);
-          Strip::store_acc(total + 3 * P + c0, ga_sum);
         }
       });
-    }
+      // Four sums and three constants of four vectors each, with the data, overflow the 32
+      // registers of AVX-512: the compiler spilled sums (a load and a store per row, the
+      // backward 1.3x slower). For ReLU-like activations the fourth sum follows from two.
+      if constexpr (PROXY && kActIsHomogeneous<ACT>) {
+        for (int j = 0; j < kVecs; ++j) {
+          ga_sum[j] = at::vec::fmadd(va1[j], gpd_sum[j], vbias[j] * gp_sum[j]);
+        }
+      }
+      Strip::store_acc(total + c0, gp_sum);
+      Strip::store_acc(total + P + c0, gpd_sum);
+      if constexpr (PROXY) {
+        Strip::store_acc(total + 2 * P + c0, g_sum);
+        Strip::store_acc(total + 3 * P + c0, ga_sum);
+      }
+    });
   };
   // Per (n, c) of sample n: the tasks' sums in task order.
   auto reduce_sample = [&](int64_t n) {
@@ -368,30 +366,28 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     }
     const auto [first, last] = task_rows(task);
     const int64_t rows = last - first, first_offset = (n * S + first) * C;
-    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
-      with_strip_width<Strip>(std::min(Strip::kWidth, C - c0), [&](auto width) {
-        Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vk1[kVecs], vk2[kVecs], vk3[kVecs];
-        Vec xv[kVecs], gv[kVecs];
-        Strip::load_acc(mean.data() + c0, vmean);
-        Strip::load_acc(a1.data() + c0, va1);
-        Strip::load_acc(bias.data() + c0, vbias);
-        Strip::load_acc(k1.data() + c0, vk1);
-        Strip::load_acc(k2.data() + c0, vk2);
-        Strip::load_acc(k3.data() + c0, vk3);
-        const int64_t offset = first_offset + c0;
-        scalar_t* dx = ctx.dx + offset;
-        for_strip_rows<Strip>(ctx.x + offset, ctx.grad + offset, rows, C, width, xv, gv,
-                              [&](int64_t row_offset) {
-          for (int j = 0; j < kVecs; ++j) {
-            const Vec d = xv[j] - vmean[j];
-            const Vec gp =
-                gv[j] * act_grad_vec<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), slope);
-            xv[j] = at::vec::fmadd(gp, vk1[j], at::vec::fmadd(d, vk2[j], vk3[j]));
-          }
-          Strip::store(dx + row_offset, width, xv);
-        });
+    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+      Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vk1[kVecs], vk2[kVecs], vk3[kVecs];
+      Vec xv[kVecs], gv[kVecs];
+      Strip::load_acc(mean.data() + c0, vmean);
+      Strip::load_acc(a1.data() + c0, va1);
+      Strip::load_acc(bias.data() + c0, vbias);
+      Strip::load_acc(k1.data() + c0, vk1);
+      Strip::load_acc(k2.data() + c0, vk2);
+      Strip::load_acc(k3.data() + c0, vk3);
+      const int64_t offset = first_offset + c0;
+      scalar_t* dx = ctx.dx + offset;
+      for_strip_rows<Strip>(ctx.x + offset, ctx.grad + offset, rows, C, width, xv, gv,
+                            [&](int64_t row_offset) {
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec d = xv[j] - vmean[j];
+          const Vec gp =
+              gv[j] * act_grad_vec<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), slope);
+          xv[j] = at::vec::fmadd(gp, vk1[j], at::vec::fmadd(d, vk2[j], vk3[j]));
+        }
+        Strip::store(dx + row_offset, width, xv);
       });
-    }
+    });
   };
 
   sample_passes<Buffers>({"fusednorm_cpu::backward_per_sample_channels_last",

@@ -186,55 +186,52 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
       std::fill(shift.begin() + g * CPG, shift.begin() + (g + 1) * CPG, shift_of(n, g));
     }
     const auto [first, last] = task_rows(task);
-    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
-      with_strip_width<Strip>(std::min(Strip::kWidth, C - c0), [&](auto width) {
-        Vec vshift[kVecs], mean[kVecs], m2[kVecs], v[kVecs];
-        Strip::load_acc(shift.data() + c0, vshift);
-        int64_t count = 0;
-        for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
-          const int64_t rows = std::min(tiling.block_rows, last - s0);
-          const scalar_t* block = ctx.x + (n * S + s0) * C + c0;
-          Vec block_mean[kVecs], block_m2[kVecs];
-          for (int j = 0; j < kVecs; ++j) block_mean[j] = Vec(0);
-          for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
-            Strip::load(block + offset, width, v);
-            for (int j = 0; j < kVecs; ++j) block_mean[j] += v[j] - vshift[j];
-          }
-          const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
-          for (int j = 0; j < kVecs; ++j) {
-            block_mean[j] = block_mean[j] * inv_rows;
-            block_m2[j] = Vec(0);
-          }
-          for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
-            Strip::load(block + offset, width, v);
-            for (int j = 0; j < kVecs; ++j) {
-              const Vec d = (v[j] - vshift[j]) - block_mean[j];
-              block_m2[j] = at::vec::fmadd(d, d, block_m2[j]);
-            }
-          }
-          // Chan's merge of the block into the strip's states (every channel has the same
-          // count).
-          if (count == 0) {
-            for (int j = 0; j < kVecs; ++j) {
-              mean[j] = block_mean[j];
-              m2[j] = block_m2[j];
-            }
-          } else {
-            const int64_t total = count + rows;
-            const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
-            const Vec weight_ab(static_cast<acc_t>(count) * weight_b);
-            for (int j = 0; j < kVecs; ++j) {
-              const Vec delta = block_mean[j] - mean[j];
-              mean[j] = at::vec::fmadd(delta, weight_b, mean[j]);
-              m2[j] = at::vec::fmadd(delta * delta, weight_ab, m2[j] + block_m2[j]);
-            }
-          }
-          count += rows;
+    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+      Vec vshift[kVecs], mean[kVecs], m2[kVecs], v[kVecs];
+      Strip::load_acc(shift.data() + c0, vshift);
+      int64_t count = 0;
+      for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
+        const int64_t rows = std::min(tiling.block_rows, last - s0);
+        const scalar_t* block = ctx.x + (n * S + s0) * C + c0;
+        Vec block_mean[kVecs], block_m2[kVecs];
+        for (int j = 0; j < kVecs; ++j) block_mean[j] = Vec(0);
+        for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
+          Strip::load(block + offset, width, v);
+          for (int j = 0; j < kVecs; ++j) block_mean[j] += v[j] - vshift[j];
         }
-        Strip::store_acc(task_mean.data() + c0, mean);
-        Strip::store_acc(task_m2.data() + c0, m2);
-      });
-    }
+        const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
+        for (int j = 0; j < kVecs; ++j) {
+          block_mean[j] = block_mean[j] * inv_rows;
+          block_m2[j] = Vec(0);
+        }
+        for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
+          Strip::load(block + offset, width, v);
+          for (int j = 0; j < kVecs; ++j) {
+            const Vec d = (v[j] - vshift[j]) - block_mean[j];
+            block_m2[j] = at::vec::fmadd(d, d, block_m2[j]);
+          }
+        }
+        // Chan's merge of the block into the strip's states (every channel has the same count).
+        if (count == 0) {
+          for (int j = 0; j < kVecs; ++j) {
+            mean[j] = block_mean[j];
+            m2[j] = block_m2[j];
+          }
+        } else {
+          const int64_t total = count + rows;
+          const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
+          const Vec weight_ab(static_cast<acc_t>(count) * weight_b);
+          for (int j = 0; j < kVecs; ++j) {
+            const Vec delta = block_mean[j] - mean[j];
+            mean[j] = at::vec::fmadd(delta, weight_b, mean[j]);
+            m2[j] = at::vec::fmadd(delta * delta, weight_ab, m2[j] + block_m2[j]);
+          }
+        }
+        count += rows;
+      }
+      Strip::store_acc(task_mean.data() + c0, mean);
+      Strip::store_acc(task_m2.data() + c0, m2);
+    });
     // Each group's state over this task from its channels' states (equal counts).
     const int64_t task_count = last - first;
     Welford<acc_t>* group_states = states.data() + task * G;
@@ -276,26 +273,24 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
     const auto [first, last] = task_rows(task);
     const int64_t first_offset = (n * S + first) * C;
-    for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
-      with_strip_width<Strip>(std::min(Strip::kWidth, C - c0), [&](auto width) {
-        Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vscale[kVecs], voffset[kVecs], v[kVecs];
-        Strip::load_acc(mean.data() + c0, vmean);
-        Strip::load_acc(a1.data() + c0, va1);
-        Strip::load_acc(bias.data() + c0, vbias);
-        Strip::load_acc(out_scale.data() + c0, vscale);
-        Strip::load_acc(out_offset.data() + c0, voffset);
-        const scalar_t* x = ctx.x + first_offset + c0;
-        scalar_t* y = ctx.y + first_offset + c0;
-        for (int64_t r = 0, offset = 0; r < last - first; ++r, offset += C) {
-          Strip::load(x + offset, width, v);
-          for (int j = 0; j < kVecs; ++j) {
-            const Vec z = at::vec::fmadd(v[j] - vmean[j], va1[j], vbias[j]);
-            v[j] = at::vec::fmsub(act_value_vec<ACT>(z, slope), vscale[j], voffset[j]);
-          }
-          Strip::store(y + offset, width, v);
+    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+      Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vscale[kVecs], voffset[kVecs], v[kVecs];
+      Strip::load_acc(mean.data() + c0, vmean);
+      Strip::load_acc(a1.data() + c0, va1);
+      Strip::load_acc(bias.data() + c0, vbias);
+      Strip::load_acc(out_scale.data() + c0, vscale);
+      Strip::load_acc(out_offset.data() + c0, voffset);
+      const scalar_t* x = ctx.x + first_offset + c0;
+      scalar_t* y = ctx.y + first_offset + c0;
+      for (int64_t r = 0, offset = 0; r < last - first; ++r, offset += C) {
+        Strip::load(x + offset, width, v);
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec z = at::vec::fmadd(v[j] - vmean[j], va1[j], vbias[j]);
+          v[j] = at::vec::fmsub(act_value_vec<ACT>(z, slope), vscale[j], voffset[j]);
         }
-      });
-    }
+        Strip::store(y + offset, width, v);
+      }
+    });
   };
 
   sample_passes<Buffers>({"fusednorm_cpu::forward_per_sample_channels_last",

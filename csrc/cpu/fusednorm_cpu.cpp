@@ -35,8 +35,8 @@ const Kernels& kernels() {
     const std::string capability = at::get_cpu_capability();
 #ifdef FUSEDNORM_HAVE_AVX512_BF16
     const char* no_bf16 = std::getenv("FUSEDNORM_NO_AVX512_BF16");
-    if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") &&
-        !(no_bf16 != nullptr && std::string(no_bf16) == "1")) {
+    const bool bf16_off = no_bf16 != nullptr && std::string(no_bf16) == "1";
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512bf16") && !bf16_off) {
       return FUSEDNORM_KERNELS_OF(AVX512_BF16);
     }
 #endif

@@ -31,8 +31,8 @@ inline Vec act_value_vec(const Vec& z, const Vec& slope) {
   }
 }
 
-// Whether act(z) = z * act'(z) for every z (piecewise linear through 0): then
-// sum g * act(z) = a1 * sum g act'(z) (x - mean) + beta * sum g act'(z) for z = a1 (x - mean) + beta,
+// Whether act(z) = z * act'(z) for every z (piecewise linear through 0): then, for
+// z = a1 (x - mean) + beta, sum g act(z) = a1 * sum g act'(z) (x - mean) + beta * sum g act'(z),
 // and a backward need not accumulate it.
 template <int ACT>
 constexpr bool kActIsHomogeneous = ACT == kIdentity || ACT == kRelu || ACT == kLeakyRelu;

@@ -322,15 +322,17 @@ struct ChannelStrip {
   }
 };
 
-// f(width) for a strip of `width` channels; for a full strip (all but the last one of a row) the
-// width is a compile-time constant, so that the loads and stores of f's row loop test nothing
-// per row (a generic f is compiled once per kind of width).
+// f(c0, width) for each strip of channels [c0, c0 + width) of C, in order; for a full strip (all
+// but a partial last one) the width is a compile-time constant, so that the loads and stores of
+// f's row loop test nothing per row (a generic f is compiled once per kind of width).
 template <typename Strip, typename F>
-C10_ALWAYS_INLINE void with_strip_width(int64_t width, const F& f) {
-  if (width == Strip::kWidth) {
-    f(std::integral_constant<int64_t, Strip::kWidth>{});
-  } else {
-    f(width);
+C10_ALWAYS_INLINE void for_each_strip(int64_t C, const F& f) {
+  for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
+    if (C - c0 >= Strip::kWidth) {
+      f(c0, std::integral_constant<int64_t, Strip::kWidth>{});
+    } else {
+      f(c0, C - c0);
+    }
   }
 }
 
