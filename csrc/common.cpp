@@ -116,14 +116,37 @@ std::pair<at::Tensor, at::Tensor> check_statistics(const at::Tensor& x, const at
   return {mean.contiguous(), rstd.contiguous()};
 }
 
+at::Tensor convert_vector(const at::Tensor& t, at::ScalarType dtype) {
+  if (t.scalar_type() == dtype && t.is_contiguous()) return t;
+  const bool reduced_float = (t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf) &&
+                             dtype == at::kFloat;
+  const bool float_reduced = t.scalar_type() == at::kFloat &&
+                             (dtype == at::kBFloat16 || dtype == at::kHalf);
+  if (!t.is_cpu() || t.dim() != 1 || !t.is_contiguous() || !(reduced_float || float_reduced)) {
+    return t.to(dtype).contiguous();
+  }
+  at::Tensor out = at::empty({t.size(0)}, t.options().dtype(dtype));
+  const int64_t n = t.size(0);
+  // The same rounding as .to(): c10's conversions (round to nearest even).
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(reduced_float ? t.scalar_type() : dtype, "convert_vector",
+                                     [&] {
+    if (reduced_float) {
+      const scalar_t* src = t.const_data_ptr<scalar_t>();
+      float* dst = out.mutable_data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+    } else {
+      const float* src = t.const_data_ptr<float>();
+      scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+      for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+    }
+  });
+  return out;
+}
+
 namespace {
 // `param` as a contiguous (C,) tensor of the accumulation dtype (itself when it is one).
 at::Tensor param_as(const at::Tensor& param, const at::TensorOptions& options) {
-  // The common case (an fp32 parameter) without a dispatched no-op conversion.
-  if (param.scalar_type() == options.dtype().toScalarType() && param.is_contiguous()) {
-    return param;
-  }
-  return param.to(options.dtype()).contiguous();
+  return convert_vector(param, options.dtype().toScalarType());
 }
 
 at::Tensor proxy_param_as(const std::optional<at::Tensor>& param,

@@ -118,6 +118,9 @@ def parse_activation(activation) -> tuple[Activation, float]:
     ``(name, slope)`` pair for leaky_relu, e.g. ``("leaky_relu", 0.2)``. The slope is ignored by
     every other activation.
     """
+    entry = _TABLE.get(activation) if type(activation) is str else None
+    if entry is not None:  # the common case first: this runs on every call
+        return entry, DEFAULT_LEAKY_SLOPE
     slope = DEFAULT_LEAKY_SLOPE
     if isinstance(activation, (tuple, list)):
         if len(activation) != 2:

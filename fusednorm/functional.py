@@ -68,13 +68,13 @@ def select_backend(backend, input: torch.Tensor) -> str:
     backend that cannot run on this input raises an error that says why.
     """
     requested = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    requested = str(requested).lower()
-    if requested not in BACKENDS:
-        source = "backend" if backend is not None else f"${BACKEND_ENV}"
-        raise ValueError(f"unknown {source} {requested!r}; expected one of {BACKENDS}")
-    device = input.device.type
-    if requested == "auto":
-        if device == "cuda":
+    if requested != "auto":
+        requested = str(requested).lower()
+        if requested not in BACKENDS:
+            source = "backend" if backend is not None else f"${BACKEND_ENV}"
+            raise ValueError(f"unknown {source} {requested!r}; expected one of {BACKENDS}")
+    if requested == "auto":  # is_cuda/is_cpu: no torch.device object per call
+        if input.is_cuda:
             # Triton stays the CUDA default until GPU benchmarks compare it with the CUDA kernel.
             if ops.triton_available():
                 return "triton"
@@ -82,11 +82,12 @@ def select_backend(backend, input: torch.Tensor) -> str:
                 return "cuda"
             _warn_fallback("cuda", "neither triton nor the extension's CUDA kernels are there")
             return "reference"
-        if device == "cpu":
+        if input.is_cpu:
             if ops.extension_has_kernel("cpu"):
                 return "cpu"
             _warn_fallback("cpu", "the C++ extension fusednorm._C is not built")
         return "reference"
+    device = input.device.type
     if requested == "triton":
         if not ops.triton_available():
             raise RuntimeError(f"backend 'triton' needs the triton package: {ops.TRITON_IMPORT_ERROR}")
@@ -121,6 +122,8 @@ def _warn_fallback(device: str, missing: str) -> None:
 
 def _materialize_affine(input, weight, bias):
     """The kernels always read gamma and beta: stand in ones/zeros for absent ones."""
+    if weight is not None and bias is not None:
+        return weight, bias
     dtype = next((p.dtype for p in (weight, bias) if p is not None), input.dtype)
     if weight is None:
         weight = torch.ones(input.shape[1], dtype=dtype, device=input.device)

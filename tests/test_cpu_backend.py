@@ -62,6 +62,44 @@ def test_results_do_not_depend_on_the_thread_count(shape, groups, layout):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reduced_precision_parameters_convert_as_torch_does(dtype, layout):
+    """The op converts bf16/fp16 parameters to fp32 and their gradients back in its own loop
+    (no dispatched .to()): bitwise what the same call with fp32 parameters returns, rounded by
+    .to(); a NaN stays NaN."""
+    x, params = make_inputs((2, 24, 5, 5), dtype=dtype, channels_last=LAYOUTS[layout])
+    grad_out = to_layout(torch.randn(x.shape, dtype=torch.float64), LAYOUTS[layout]).to(dtype)
+    reduced = _grads(x, params, 4, grad_out)
+    as_fp32 = {name: p.detach().float().requires_grad_() for name, p in params.items()}
+    full = _grads(x, as_fp32, 4, grad_out)
+    assert torch.equal(reduced[0], full[0]) and torch.equal(reduced[1], full[1])
+    for name, grad, grad_fp32 in zip(params, reduced[2:], full[2:]):
+        assert grad.dtype == dtype, name
+        torch.testing.assert_close(grad, grad_fp32.to(dtype), rtol=0, atol=0, msg=name)
+    # A gradient that is NaN (a NaN weight) stays NaN after the conversion.
+    params["weight"].data[3] = float("nan")
+    assert torch.isnan(_grads(x, params, 4, grad_out)[2][3])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_relu_gradient_is_zero_where_relu_is_flat_whatever_flows_in(layout):
+    """g * relu'(z) is 0 where z <= 0 even for an infinite g, as torch's threshold_backward (and
+    so the eager reference); a multiply by 0 would make it NaN and spread NaN over the group's dx."""
+    x, params = make_inputs((2, 8, 4, 4), dtype=torch.float32, channels_last=LAYOUTS[layout])
+    with torch.no_grad():
+        z = torch.nn.functional.group_norm(x, 2, params["weight"], params["bias"])
+    flat = (z <= 0).nonzero()[0].tolist()
+    grad_out = to_layout(torch.randn(x.shape), LAYOUTS[layout])
+    grad_out[tuple(flat)] = float("inf")
+    out = fusednorm.group_norm_proxy_act(x, 2, **params, backend="cpu")
+    (dx,) = torch.autograd.grad(out, [x], grad_out)
+    ref_out = fusednorm.reference.group_norm_proxy_act(x, 2, **params)
+    (ref_dx,) = torch.autograd.grad(ref_out, [x], grad_out)
+    assert torch.isfinite(ref_dx).all()
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5)
+
+
 def test_raw_op_rejects_bad_arguments():
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.ones(8), torch.zeros(8)

@@ -2,7 +2,8 @@
 """Where the C++ CPU kernels spend their time: per-phase times of forward + backward on the
 ResNet-50 stage shapes, against native GroupNorm + ReLU and BatchNorm + ReLU (train).
 
-    python tools/cpu_phases.py [--batch 8] [--groups 8 1] [--repeats 20] [--out FILE.md]
+    python tools/cpu_phases.py [--batch 8] [--groups 8 1] [--dtype fp32|bf16] [--sizes 56 7]
+                               [--repeats 20] [--out FILE.md]
 
 The kernels mark their phases for torch.profiler (``parallel_phase`` in csrc/cpu/vec_utils.h,
 RECORD_FUNCTION in csrc/cpu/fusednorm_cpu.cpp): statistics, apply, partials, dx, the proxy
@@ -16,16 +17,21 @@ the process, as in the benchmark (bench/harness/timing.py: keep_freed_cpu_memory
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+# As the benchmark (bench/group_norm_proxy_act.py): tensors of 2 MB and more on huge pages, set
+# before torch's first allocation.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-import fusednorm
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import fusednorm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 from harness.timing import Timer, copy_bandwidth_gbps, keep_freed_cpu_memory  # noqa: E402
@@ -39,10 +45,13 @@ def fwd_bwd(forward, x, params, grad):
     return torch.autograd.grad(y, [x, *params], grad)
 
 
-def providers(groups, channels):
-    weight = torch.ones(channels, requires_grad=True)
-    bias = torch.zeros(channels, requires_grad=True)
-    batch_norm = torch.nn.BatchNorm2d(channels).train()
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def providers(groups, channels, dtype):
+    weight = torch.ones(channels, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(channels, dtype=dtype, requires_grad=True)
+    batch_norm = torch.nn.BatchNorm2d(channels, dtype=dtype).train()
     return {
         "fusednorm-cpu": (lambda x: fusednorm.group_norm_proxy_act(x, groups, weight, bias,
                                                                    backend="cpu"),
@@ -53,14 +62,14 @@ def providers(groups, channels):
     }
 
 
-def measure(shape, layout, groups, repeats, warmup=3):
+def measure(shape, layout, groups, dtype, repeats, warmup=3):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen)
-    grad = torch.randn(shape, generator=gen)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    grad = torch.randn(shape, generator=gen).to(dtype)
     if layout == "channels_last":
         x, grad = (t.contiguous(memory_format=torch.channels_last) for t in (x, grad))
     x.requires_grad_()
-    ops = providers(groups, shape[1])
+    ops = providers(groups, shape[1], dtype)
     for forward, params in ops.values():
         for _ in range(warmup):
             fwd_bwd(forward, x, params, grad)
@@ -91,13 +100,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--groups", type=int, nargs="+", default=[8, 1])
     parser.add_argument("--layouts", nargs="+", default=["nchw", "channels_last"])
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[h for _, h, _ in STAGES],
+                        help="spatial sizes of the stages to run (56 28 14 7)")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
     allocator = keep_freed_cpu_memory()
     device = torch.device("cpu")
     bandwidth = copy_bandwidth_gbps(device, Timer(device), warmup=3, repeats=args.repeats)
-    lines = [f"CPU phases, fp32 forward+backward, GN+PN (ReLU), batch {args.batch}, "
+    dtype = DTYPES[args.dtype]
+    lines = [f"CPU phases, {args.dtype} forward+backward, GN+PN (ReLU), batch {args.batch}, "
              f"{torch.get_num_threads()} threads, fusednorm {fusednorm._C.cpu_capability()} "
              f"kernels; {allocator or 'default allocator'}; copy bandwidth {bandwidth:.1f} GB/s; ms per call (phases: profiler "
              f"totals / repeats; totals: medians of {args.repeats} interleaved repeats)", "",
@@ -105,12 +118,14 @@ def main(argv=None):
              "phases (ms) |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for channels, height, width in STAGES:
+        if height not in args.sizes:
+            continue
         shape = (args.batch, channels, height, width)
         for layout in args.layouts:
             for groups in args.groups:
-                totals, phases = measure(shape, layout, groups, args.repeats)
+                totals, phases = measure(shape, layout, groups, dtype, args.repeats)
                 ours = totals["fusednorm-cpu"]
-                t_bytes = torch.Size(shape).numel() * 4
+                t_bytes = torch.Size(shape).numel() * dtype.itemsize
                 fraction = 5 * t_bytes / (ours * 1e-3) / 1e9 / bandwidth
                 phase_text = ", ".join(f"{name} {ms:.2f}" for name, ms in
                                        sorted(phases.items(), key=lambda kv: -kv[1]))

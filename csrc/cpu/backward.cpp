@@ -111,17 +111,24 @@ C10_ALWAYS_INLINE PieceSums<Vectorized<acc_t>> piece_sums(const BackwardContext<
           [&](const Vec& xv, const Vec& gv, int64_t valid, int64_t) {
             const Vec d = xv - mean;
             const Vec z = at::vec::fmadd(d, a1, b);
-            Vec gp = gv * act_grad_vec<ACT>(z, slope);
+            Vec gp = act_grad_times<ACT>(z, gv, slope);
             if (valid < Vec::size()) gp = Vec::set(Vec(0), gp, valid);
             sums.gp += gp;
             sums.gpd = at::vec::fmadd(gp, d, sums.gpd);
             if constexpr (PROXY) {
-              Vec ga = gv * act_value_vec<ACT>(z, slope);
-              if (valid < Vec::size()) ga = Vec::set(Vec(0), ga, valid);
               sums.g += gv;
-              sums.ga += ga;
+              if constexpr (!kActIsHomogeneous<ACT>) {
+                Vec ga = gv * act_value_vec<ACT>(z, slope);
+                if (valid < Vec::size()) ga = Vec::set(Vec(0), ga, valid);
+                sums.ga += ga;
+              }
             }
           });
+  // For ReLU-like activations sum g act(z) follows from the other two (kActIsHomogeneous), lane
+  // by lane as in the channels-last partials: the same rounding in both layouts.
+  if constexpr (PROXY && kActIsHomogeneous<ACT>) {
+    sums.ga = at::vec::fmadd(a1, sums.gpd, b * sums.gp);
+  }
   return sums;
 }
 
@@ -201,7 +208,7 @@ void dx_row(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t
   map2(ctx.x + offset, ctx.grad + offset, ctx.dx + offset, ctx.S,
        [&](const Vec& xv, const Vec& gv, int64_t) {
          const Vec d = xv - mean;
-         const Vec gp = gv * act_grad_vec<ACT>(at::vec::fmadd(d, a1, b), slope);
+         const Vec gp = act_grad_times<ACT>(at::vec::fmadd(d, a1, b), gv, slope);
          return at::vec::fmadd(gp, vk1, at::vec::fmadd(d, vk2, vk3));
        });
 }
@@ -248,11 +255,15 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
 }
 
 // Channels-last: for each of `rows` rows (C elements apart) from x and grad, the strip of `width`
-// channels there loaded into xv and gv, then f(offset of the row from x).
+// channels there loaded into xv and gv (and kPrefetchRows rows ahead prefetched), then f(offset
+// of the row from x).
 template <typename Strip, typename scalar_t, typename Width, typename Vec, typename F>
 C10_ALWAYS_INLINE void for_strip_rows(const scalar_t* x, const scalar_t* grad, int64_t rows,
                                       int64_t C, Width width, Vec* xv, Vec* gv, const F& f) {
+  const int64_t ahead = kPrefetchRows * C;
   for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
+    Strip::prefetch(x + offset + ahead);
+    Strip::prefetch(grad + offset + ahead);
     Strip::load(x + offset, width, xv);
     Strip::load(grad + offset, width, gv);
     f(offset);
@@ -307,7 +318,7 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
         for (int j = 0; j < kVecs; ++j) {
           const Vec d = xv[j] - vmean[j];
           const Vec z = at::vec::fmadd(d, va1[j], vbias[j]);
-          const Vec gp = gv[j] * act_grad_vec<ACT>(z, slope);
+          const Vec gp = act_grad_times<ACT>(z, gv[j], slope);
           gp_sum[j] += gp;
           gpd_sum[j] = at::vec::fmadd(gp, d, gpd_sum[j]);
           if constexpr (PROXY) {
@@ -381,8 +392,7 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
                             [&](int64_t row_offset) {
         for (int j = 0; j < kVecs; ++j) {
           const Vec d = xv[j] - vmean[j];
-          const Vec gp =
-              gv[j] * act_grad_vec<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), slope);
+          const Vec gp = act_grad_times<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), gv[j], slope);
           xv[j] = at::vec::fmadd(gp, vk1[j], at::vec::fmadd(d, vk2[j], vk3[j]));
         }
         Strip::store(dx + row_offset, width, xv);

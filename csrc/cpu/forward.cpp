@@ -196,6 +196,7 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
         Vec block_mean[kVecs], block_m2[kVecs];
         for (int j = 0; j < kVecs; ++j) block_mean[j] = Vec(0);
         for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
+          Strip::prefetch(block + offset + kPrefetchRows * C);
           Strip::load(block + offset, width, v);
           for (int j = 0; j < kVecs; ++j) block_mean[j] += v[j] - vshift[j];
         }
@@ -283,6 +284,7 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
       const scalar_t* x = ctx.x + first_offset + c0;
       scalar_t* y = ctx.y + first_offset + c0;
       for (int64_t r = 0, offset = 0; r < last - first; ++r, offset += C) {
+        Strip::prefetch(x + offset + kPrefetchRows * C);
         Strip::load(x + offset, width, v);
         for (int j = 0; j < kVecs; ++j) {
           const Vec z = at::vec::fmadd(v[j] - vmean[j], va1[j], vbias[j]);

@@ -135,7 +135,7 @@ struct ParameterGradient {
                     const at::TensorOptions& acc_options)
       : acc(at::empty({weight.size(0)}, acc_options)),
         dtype((param ? *param : weight).scalar_type()) {}
-  at::Tensor result() const { return acc.scalar_type() == dtype ? acc : acc.to(dtype); }
+  at::Tensor result() const { return convert_vector(acc, dtype); }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cpu(

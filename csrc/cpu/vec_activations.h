@@ -6,6 +6,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <type_traits>
+
 #include "../activations.h"
 
 namespace fusednorm::cpu {
@@ -58,6 +60,36 @@ inline Vec act_grad_vec(const Vec& z, const Vec& slope) {
     return positive + slope * (one - positive);  // exactly 1 or slope
   } else {
     return one;
+  }
+}
+
+// g * act'(z), the gradient at the activation's input. For ReLU, g where z > 0 and 0 elsewhere
+// (NaN z included) whatever g is, as torch's threshold_backward (a multiply by 0 would turn an
+// infinite g into NaN): a compare and an and, on AVX-512 one compare and a masked move instead of
+// the compare, mask-to-vector, and, multiply of g * act_grad_vec (the backward's loops at 7x7
+// are compute-bound).
+template <int ACT, typename Vec>
+inline Vec act_grad_times(const Vec& z, const Vec& g, const Vec& slope) {
+  if constexpr (ACT == kRelu) {
+    using T = typename Vec::value_type;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+    } else {
+      return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_GT_OQ), g);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    return g & (z > Vec(T(0)));  // comparisons give all-ones lanes: g's bits or +0
+#else
+    // The generic Vectorized compares with a branch per lane: a loop the compiler vectorizes.
+    alignas(64) T gz[Vec::size()], zz[Vec::size()];
+    g.store(gz);
+    z.store(zz);
+    for (int64_t i = 0; i < Vec::size(); ++i) gz[i] = zz[i] > T(0) ? gz[i] : T(0);
+    return Vec::loadu(gz);
+#endif
+  } else {
+    return g * act_grad_vec<ACT>(z, slope);
   }
 }
 

@@ -263,6 +263,13 @@ inline int64_t grain_for(int64_t work_per_item) {
 // is large: ~2x at C=2048). The loops must keep their sums in registers: a sum the compiler
 // spills costs a load and a store per row on its dependency chain (measured: the backward 1.3x
 // slower); see the backward's partials for the one that needs care.
+//
+// A strip walk reads a few cache lines per row at a stride of C elements, a pattern the hardware
+// prefetchers follow poorly (from L3 or memory, 8x256x56x56 bf16 ran ~40% slower than the same
+// bytes at C = 64, where a strip is the whole row): the walks prefetch the strip kPrefetchRows
+// rows ahead themselves (forward ~10-14% faster there, backward ~3-8%; 32 rows measured against
+// 16 and 64: the same or better, fp32 unchanged).
+constexpr int64_t kPrefetchRows = 32;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kStripVecs = 4;  // of 32 vector registers
 #else
@@ -310,6 +317,14 @@ struct ChannelStrip {
       } else if (rest > 0) {
         IO::store(p + s * IO::kStep, rest, v + s * IO::kParts);
       }
+    }
+  }
+
+  // Prefetch a full strip's cache lines at p into L1 (never faults: p may lie past the tensor).
+  static C10_ALWAYS_INLINE void prefetch(const scalar_t* p) {
+    constexpr int64_t kBytes = kWidth * sizeof(scalar_t);
+    for (int64_t i = 0; i < kBytes; i += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(p) + i, /*rw=*/0, /*locality=*/3);
     }
   }
 
