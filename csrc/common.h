@@ -42,14 +42,14 @@ std::pair<at::Tensor, at::Tensor> check_statistics(const at::Tensor& x, const at
 // fp64 once per (K, dtype, device) and cached; read-only.
 const at::Tensor& proxy_samples(int64_t num_samples, const at::TensorOptions& options);
 
-// gamma, beta, beta~, gamma~ as contiguous (C,) tensors of the accumulation dtype; an absent
-// proxy parameter is undefined (its value is zero).
 // A (C,) parameter or parameter gradient in `dtype`, contiguous (itself when it is one). CPU
 // float <-> bf16/fp16 in a plain loop rather than a dispatched .to(): the ops convert up to four
 // parameters per call and four gradients back, and with cold caches (every training step of a
 // real network) each dispatched conversion costs ~5 us, a tenth of a small layer's kernel time.
 at::Tensor convert_vector(const at::Tensor& t, at::ScalarType dtype);
 
+// gamma, beta, beta~, gamma~ as contiguous (C,) tensors of the accumulation dtype; an absent
+// proxy parameter is undefined (its value is zero).
 struct Params {
   at::Tensor weight, bias, proxy_bias, proxy_weight;
 };
