@@ -7,8 +7,9 @@
 // time, their horizontal sums in one tree (short rows), longer rows in fixed 4096-element
 // pieces. One task per group does both passes when the groups keep every thread busy (the
 // second pass then reads L2), else the passes run one after the other over rows: the same sums
-// either way. Channels-last input: tasks of rows of one n, in strips of channels whose sums and
-// constants stay in registers down the rows (vec_utils.h), reduced over tasks in a fixed order.
+// either way. Channels-last input: tasks of rows of one n, walked in memory order in strips of
+// channels with sums and constants in small per-channel arrays (vec_utils.h), the sums reduced
+// over tasks in a fixed order.
 #include "vec_utils.h"
 
 #include <utility>
@@ -254,22 +255,6 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
   });
 }
 
-// Channels-last: for each of `rows` rows (C elements apart) from x and grad, the strip of `width`
-// channels there loaded into xv and gv (and kPrefetchRows rows ahead prefetched), then f(offset
-// of the row from x).
-template <typename Strip, typename scalar_t, typename Width, typename Vec, typename F>
-C10_ALWAYS_INLINE void for_strip_rows(const scalar_t* x, const scalar_t* grad, int64_t rows,
-                                      int64_t C, Width width, Vec* xv, Vec* gv, const F& f) {
-  const int64_t ahead = kPrefetchRows * C;
-  for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
-    Strip::prefetch(x + offset + ahead);
-    Strip::prefetch(grad + offset + ahead);
-    Strip::load(x + offset, width, xv);
-    Strip::load(grad + offset, width, gv);
-    f(offset);
-  }
-}
-
 template <int ACT, bool PROXY, typename scalar_t>
 void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
   using acc_t = acc_type<scalar_t>;
@@ -294,56 +279,60 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     explicit Buffers(int64_t P) : mean(P, 0), a1(P, 0), k1(P, 0), k2(P, 0), k3(P, 0) {}
   };
 
-  // Raw sums per task and channel (kSums planes of P), per strip down the task's rows in
-  // registers. Lanes past C see zero data and zero constants: they sum zeros.
+  // Raw sums per task and channel (kSums planes of P), accumulated row by row in place. Lanes
+  // past C see zero data and zero constants: they sum zeros.
   std::vector<acc_t> task_sums(tasks * kSums * P);
   auto partials_task = [&](int64_t task, Buffers& buffers) {
-    std::vector<acc_t>& mean = buffers.mean;
-    std::vector<acc_t>& a1 = buffers.a1;
+    acc_t* mean = buffers.mean.data();
+    acc_t* a1 = buffers.a1.data();
+    const acc_t* bias_c = bias.data();
     const int64_t n = task / tiling.tasks_per_n;
-    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean, a1);
     acc_t* total = task_sums.data() + task * kSums * P;
     const auto [first, last] = task_rows(task);
-    const int64_t rows = last - first, first_offset = (n * S + first) * C;
-    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+    const int64_t first_offset = (n * S + first) * C;
+    const scalar_t* x = ctx.x + first_offset;
+    const scalar_t* grad = ctx.grad + first_offset;
+    std::fill(total, total + kSums * P, acc_t(0));
+    auto partials_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
       Vec vmean[kVecs], va1[kVecs], vbias[kVecs], xv[kVecs], gv[kVecs];
       Vec gp_sum[kVecs], gpd_sum[kVecs], g_sum[kVecs], ga_sum[kVecs];
-      Strip::load_acc(mean.data() + c0, vmean);
-      Strip::load_acc(a1.data() + c0, va1);
-      Strip::load_acc(bias.data() + c0, vbias);
-      for (int j = 0; j < kVecs; ++j) gp_sum[j] = gpd_sum[j] = g_sum[j] = ga_sum[j] = Vec(0);
-      const int64_t offset = first_offset + c0;
-      for_strip_rows<Strip>(ctx.x + offset, ctx.grad + offset, rows, C, width, xv, gv,
-                            [&](int64_t) {
-        for (int j = 0; j < kVecs; ++j) {
-          const Vec d = xv[j] - vmean[j];
-          const Vec z = at::vec::fmadd(d, va1[j], vbias[j]);
-          const Vec gp = act_grad_times<ACT>(z, gv[j], slope);
-          gp_sum[j] += gp;
-          gpd_sum[j] = at::vec::fmadd(gp, d, gpd_sum[j]);
-          if constexpr (PROXY) {
-            g_sum[j] += gv[j];
-            if constexpr (!kActIsHomogeneous<ACT>) {
-              ga_sum[j] = at::vec::fmadd(gv[j], act_value_vec<ACT>(z, slope), ga_sum[j]);
-            }
-          }
-        }
-      });
-      // Four sums and three constants of four vectors each, with the data, overflow the 32
-      // registers of AVX-512: the compiler spilled sums (a load and a store per row, the
-      // backward 1.3x slower). For ReLU-like activations the fourth sum follows from two.
-      if constexpr (PROXY && kActIsHomogeneous<ACT>) {
-        for (int j = 0; j < kVecs; ++j) {
-          ga_sum[j] = at::vec::fmadd(va1[j], gpd_sum[j], vbias[j] * gp_sum[j]);
+      // Sum g * act(z) only where it does not follow from the others (below).
+      constexpr bool kGa = PROXY && !kActIsHomogeneous<ACT>;
+      Strip::load(x + offset, width, xv);
+      Strip::load(grad + offset, width, gv);
+      Strip::load_acc(mean + c0, vmean);
+      Strip::load_acc(a1 + c0, va1);
+      Strip::load_acc(bias_c + c0, vbias);
+      Strip::load_acc(total + c0, gp_sum);
+      Strip::load_acc(total + P + c0, gpd_sum);
+      if constexpr (PROXY) Strip::load_acc(total + 2 * P + c0, g_sum);
+      if constexpr (kGa) Strip::load_acc(total + 3 * P + c0, ga_sum);
+      for (int j = 0; j < kVecs; ++j) {
+        const Vec d = xv[j] - vmean[j];
+        const Vec z = at::vec::fmadd(d, va1[j], vbias[j]);
+        const Vec gp = act_grad_times<ACT>(z, gv[j], slope);
+        gp_sum[j] += gp;
+        gpd_sum[j] = at::vec::fmadd(gp, d, gpd_sum[j]);
+        if constexpr (PROXY) g_sum[j] += gv[j];
+        if constexpr (kGa) {
+          ga_sum[j] = at::vec::fmadd(gv[j], act_value_vec<ACT>(z, slope), ga_sum[j]);
         }
       }
       Strip::store_acc(total + c0, gp_sum);
       Strip::store_acc(total + P + c0, gpd_sum);
-      if constexpr (PROXY) {
-        Strip::store_acc(total + 2 * P + c0, g_sum);
-        Strip::store_acc(total + 3 * P + c0, ga_sum);
+      if constexpr (PROXY) Strip::store_acc(total + 2 * P + c0, g_sum);
+      if constexpr (kGa) Strip::store_acc(total + 3 * P + c0, ga_sum);
+    };
+    for_each_row_strip<Strip>(last - first, C, partials_strip);
+    // For ReLU-like activations sum g * act(z) follows from two other sums (act(z) = z act'(z)).
+    if constexpr (PROXY && kActIsHomogeneous<ACT>) {
+      for (int64_t c = 0; c < P; c += Vec::size()) {
+        at::vec::fmadd(Vec::loadu(a1 + c), Vec::loadu(total + P + c),
+                       Vec::loadu(bias_c + c) * Vec::loadu(total + c))
+            .store(total + 3 * P + c);
       }
-    });
+    }
   };
   // Per (n, c) of sample n: the tasks' sums in task order.
   auto reduce_sample = [&](int64_t n) {
@@ -359,13 +348,14 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     }
   };
   auto dx_task = [&](int64_t task, Buffers& buffers) {
-    std::vector<acc_t>& mean = buffers.mean;
-    std::vector<acc_t>& a1 = buffers.a1;
-    std::vector<acc_t>& k1 = buffers.k1;
-    std::vector<acc_t>& k2 = buffers.k2;
-    std::vector<acc_t>& k3 = buffers.k3;
+    acc_t* mean = buffers.mean.data();
+    acc_t* a1 = buffers.a1.data();
+    acc_t* k1 = buffers.k1.data();
+    acc_t* k2 = buffers.k2.data();
+    acc_t* k3 = buffers.k3.data();
+    const acc_t* bias_c = bias.data();
     const int64_t n = task / tiling.tasks_per_n;
-    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean, a1);
     for (int64_t g = 0; g < G; ++g) {
       const auto [sa, sb] = ctx.group_sums(n * G + g);
       const auto [group_k2, group_k3] = ctx.dx_group_coefficients(n * G + g, sa, sb);
@@ -376,28 +366,29 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
       }
     }
     const auto [first, last] = task_rows(task);
-    const int64_t rows = last - first, first_offset = (n * S + first) * C;
-    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+    const int64_t first_offset = (n * S + first) * C;
+    const scalar_t* x = ctx.x + first_offset;
+    const scalar_t* grad = ctx.grad + first_offset;
+    scalar_t* dx = ctx.dx + first_offset;
+    auto dx_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
       Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vk1[kVecs], vk2[kVecs], vk3[kVecs];
       Vec xv[kVecs], gv[kVecs];
-      Strip::load_acc(mean.data() + c0, vmean);
-      Strip::load_acc(a1.data() + c0, va1);
-      Strip::load_acc(bias.data() + c0, vbias);
-      Strip::load_acc(k1.data() + c0, vk1);
-      Strip::load_acc(k2.data() + c0, vk2);
-      Strip::load_acc(k3.data() + c0, vk3);
-      const int64_t offset = first_offset + c0;
-      scalar_t* dx = ctx.dx + offset;
-      for_strip_rows<Strip>(ctx.x + offset, ctx.grad + offset, rows, C, width, xv, gv,
-                            [&](int64_t row_offset) {
-        for (int j = 0; j < kVecs; ++j) {
-          const Vec d = xv[j] - vmean[j];
-          const Vec gp = act_grad_times<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), gv[j], slope);
-          xv[j] = at::vec::fmadd(gp, vk1[j], at::vec::fmadd(d, vk2[j], vk3[j]));
-        }
-        Strip::store(dx + row_offset, width, xv);
-      });
-    });
+      Strip::load(x + offset, width, xv);
+      Strip::load(grad + offset, width, gv);
+      Strip::load_acc(mean + c0, vmean);
+      Strip::load_acc(a1 + c0, va1);
+      Strip::load_acc(bias_c + c0, vbias);
+      Strip::load_acc(k1 + c0, vk1);
+      Strip::load_acc(k2 + c0, vk2);
+      Strip::load_acc(k3 + c0, vk3);
+      for (int j = 0; j < kVecs; ++j) {
+        const Vec d = xv[j] - vmean[j];
+        const Vec gp = act_grad_times<ACT>(at::vec::fmadd(d, va1[j], vbias[j]), gv[j], slope);
+        xv[j] = at::vec::fmadd(gp, vk1[j], at::vec::fmadd(d, vk2[j], vk3[j]));
+      }
+      Strip::store(dx + offset, width, xv);
+    };
+    for_each_row_strip<Strip>(last - first, C, dx_strip);
   };
 
   sample_passes<Buffers>({"fusednorm_cpu::backward_per_sample_channels_last",

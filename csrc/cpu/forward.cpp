@@ -10,9 +10,9 @@
 // the same way, so results do not depend on the thread count, and every reduction runs in a
 // fixed order (deterministic, no atomics).
 //
-// Channels-last (N, S, C) input (and any input with S = 1): tasks of whole rows of one n, in
-// strips of channels whose per-channel sums and constants stay in registers while the loop runs
-// down the rows (vec_utils.h: ChannelStrip), reduced over tasks in a fixed order.
+// Channels-last (N, S, C) input (and any input with S = 1): tasks of whole rows of one n, walked
+// in memory order, row by row, each row in strips of channels (vec_utils.h: ChannelStrip) with
+// per-channel sums and constants in small arrays; sums reduced over tasks in a fixed order.
 #include "vec_utils.h"
 #include "../welford.h"
 
@@ -165,79 +165,87 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     return std::make_pair(first, std::min(S, first + tiling.task_rows));
   };
 
-  // Statistics, per strip of channels: per block of rows each channel's mean and squared
-  // deviations (two passes over the block in L1, sums in registers), merged per channel over
-  // the blocks of a task (Chan), then into the groups' states, which are merged over tasks. All
-  // relative to a shift per (n, g), the group's first element (see chunk_stats).
+  // Statistics: per block of rows each channel's mean and squared deviations (two passes over
+  // the block, the second from cache), merged per channel over the blocks of a task (Chan), then
+  // into the groups' states, which are merged over tasks. All relative to a shift per (n, g), the
+  // group's first element (see chunk_stats).
   auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
   std::vector<Welford<acc_t>> states(tasks * G);
-  // Per-thread buffers of the statistics (shift, task_mean, task_m2) and the apply (mean, a1).
+  // Per-thread, per-channel buffers of the statistics (shift, task and block states) and the
+  // apply (mean, a1).
   struct Buffers {
-    std::vector<acc_t> shift, task_mean, task_m2, mean, a1;
+    std::vector<acc_t> shift, task_mean, task_m2, block_mean, block_m2, mean, a1;
     explicit Buffers(int64_t P)
-        : shift(P, 0), task_mean(P, 0), task_m2(P, 0), mean(P, 0), a1(P, 0) {}
+        : shift(P, 0), task_mean(P, 0), task_m2(P, 0), block_mean(P, 0), block_m2(P, 0),
+          mean(P, 0), a1(P, 0) {}
   };
   auto stats_task = [&](int64_t task, Buffers& buffers) {
-    std::vector<acc_t>& shift = buffers.shift;
-    std::vector<acc_t>& task_mean = buffers.task_mean;
-    std::vector<acc_t>& task_m2 = buffers.task_m2;
+    acc_t* shift = buffers.shift.data();
+    acc_t* task_mean = buffers.task_mean.data();
+    acc_t* task_m2 = buffers.task_m2.data();
+    acc_t* block_mean = buffers.block_mean.data();
+    acc_t* block_m2 = buffers.block_m2.data();
     const int64_t n = task / tiling.tasks_per_n;
     for (int64_t g = 0; g < G; ++g) {
-      std::fill(shift.begin() + g * CPG, shift.begin() + (g + 1) * CPG, shift_of(n, g));
+      std::fill(shift + g * CPG, shift + (g + 1) * CPG, shift_of(n, g));
     }
     const auto [first, last] = task_rows(task);
-    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
-      Vec vshift[kVecs], mean[kVecs], m2[kVecs], v[kVecs];
-      Strip::load_acc(shift.data() + c0, vshift);
-      int64_t count = 0;
-      for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
-        const int64_t rows = std::min(tiling.block_rows, last - s0);
-        const scalar_t* block = ctx.x + (n * S + s0) * C + c0;
-        Vec block_mean[kVecs], block_m2[kVecs];
-        for (int j = 0; j < kVecs; ++j) block_mean[j] = Vec(0);
-        for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
-          Strip::prefetch(block + offset + kPrefetchRows * C);
-          Strip::load(block + offset, width, v);
-          for (int j = 0; j < kVecs; ++j) block_mean[j] += v[j] - vshift[j];
-        }
-        const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
-        for (int j = 0; j < kVecs; ++j) {
-          block_mean[j] = block_mean[j] * inv_rows;
-          block_m2[j] = Vec(0);
-        }
-        for (int64_t r = 0, offset = 0; r < rows; ++r, offset += C) {
-          Strip::load(block + offset, width, v);
-          for (int j = 0; j < kVecs; ++j) {
-            const Vec d = (v[j] - vshift[j]) - block_mean[j];
-            block_m2[j] = at::vec::fmadd(d, d, block_m2[j]);
-          }
-        }
-        // Chan's merge of the block into the strip's states (every channel has the same count).
-        if (count == 0) {
-          for (int j = 0; j < kVecs; ++j) {
-            mean[j] = block_mean[j];
-            m2[j] = block_m2[j];
-          }
-        } else {
-          const int64_t total = count + rows;
-          const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
-          const Vec weight_ab(static_cast<acc_t>(count) * weight_b);
-          for (int j = 0; j < kVecs; ++j) {
-            const Vec delta = block_mean[j] - mean[j];
-            mean[j] = at::vec::fmadd(delta, weight_b, mean[j]);
-            m2[j] = at::vec::fmadd(delta * delta, weight_ab, m2[j] + block_m2[j]);
-          }
-        }
-        count += rows;
+    int64_t count = 0;
+    for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
+      const int64_t rows = std::min(tiling.block_rows, last - s0);
+      const scalar_t* block = ctx.x + (n * S + s0) * C;
+      // The block's per-channel mean, then the squared deviations from it.
+      std::fill(block_mean, block_mean + P, acc_t(0));
+      std::fill(block_m2, block_m2 + P, acc_t(0));
+      auto sum_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+        Vec v[kVecs], vshift[kVecs], sum[kVecs];
+        Strip::load(block + offset, width, v);
+        Strip::load_acc(shift + c0, vshift);
+        Strip::load_acc(block_mean + c0, sum);
+        for (int j = 0; j < kVecs; ++j) sum[j] += v[j] - vshift[j];
+        Strip::store_acc(block_mean + c0, sum);
+      };
+      for_each_row_strip<Strip>(rows, C, sum_strip);
+      const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
+      for (int64_t c = 0; c < P; c += Vec::size()) {
+        (Vec::loadu(block_mean + c) * inv_rows).store(block_mean + c);
       }
-      Strip::store_acc(task_mean.data() + c0, mean);
-      Strip::store_acc(task_m2.data() + c0, m2);
-    });
+      auto m2_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+        Vec v[kVecs], vshift[kVecs], mean[kVecs], m2[kVecs];
+        Strip::load(block + offset, width, v);
+        Strip::load_acc(shift + c0, vshift);
+        Strip::load_acc(block_mean + c0, mean);
+        Strip::load_acc(block_m2 + c0, m2);
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec d = (v[j] - vshift[j]) - mean[j];
+          m2[j] = at::vec::fmadd(d, d, m2[j]);
+        }
+        Strip::store_acc(block_m2 + c0, m2);
+      };
+      for_each_row_strip<Strip>(rows, C, m2_strip);
+      // Chan's merge of the block into the task's per-channel states (every channel has the
+      // same count).
+      if (count == 0) {
+        std::copy(block_mean, block_mean + P, task_mean);
+        std::copy(block_m2, block_m2 + P, task_m2);
+      } else {
+        const int64_t total = count + rows;
+        const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
+        const Vec weight_ab(static_cast<acc_t>(count) * weight_b);
+        for (int64_t c = 0; c < P; c += Vec::size()) {
+          const Vec mean = Vec::loadu(task_mean + c), delta = Vec::loadu(block_mean + c) - mean;
+          at::vec::fmadd(delta, weight_b, mean).store(task_mean + c);
+          const Vec m2 = Vec::loadu(task_m2 + c) + Vec::loadu(block_m2 + c);
+          at::vec::fmadd(delta * delta, weight_ab, m2).store(task_m2 + c);
+        }
+      }
+      count += rows;
+    }
     // Each group's state over this task from its channels' states (equal counts).
     const int64_t task_count = last - first;
     Welford<acc_t>* group_states = states.data() + task * G;
     for (int64_t g = 0; g < G; ++g) {
-      const acc_t* means = task_mean.data() + g * CPG;
+      const acc_t* means = task_mean + g * CPG;
       acc_t mean = 0, squares = 0, spread = 0;
       for (int64_t c = 0; c < CPG; ++c) mean += means[c];
       mean /= static_cast<acc_t>(CPG);
@@ -259,7 +267,7 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     }
   };
 
-  // Apply, per strip with its per-channel constants in registers.
+  // Apply: y from x and the per-channel constants.
   std::vector<acc_t> bias(P, 0), out_scale(P, 0), out_offset(P, 0);
   for (int64_t c = 0; c < C; ++c) {
     bias[c] = ctx.bias[c];
@@ -268,31 +276,32 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   }
   const Vec slope(ctx.slope);
   auto apply_task = [&](int64_t task, Buffers& buffers) {
-    std::vector<acc_t>& mean = buffers.mean;
-    std::vector<acc_t>& a1 = buffers.a1;
+    acc_t* mean = buffers.mean.data();
+    acc_t* a1 = buffers.a1.data();
     const int64_t n = task / tiling.tasks_per_n;
-    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean.data(), a1.data());
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean, a1);
     const auto [first, last] = task_rows(task);
     const int64_t first_offset = (n * S + first) * C;
-    for_each_strip<Strip>(C, [&](int64_t c0, auto width) {
+    const scalar_t* x = ctx.x + first_offset;
+    scalar_t* y = ctx.y + first_offset;
+    const acc_t* bias_c = bias.data();
+    const acc_t* scale_c = out_scale.data();
+    const acc_t* offset_c = out_offset.data();
+    auto apply_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
       Vec vmean[kVecs], va1[kVecs], vbias[kVecs], vscale[kVecs], voffset[kVecs], v[kVecs];
-      Strip::load_acc(mean.data() + c0, vmean);
-      Strip::load_acc(a1.data() + c0, va1);
-      Strip::load_acc(bias.data() + c0, vbias);
-      Strip::load_acc(out_scale.data() + c0, vscale);
-      Strip::load_acc(out_offset.data() + c0, voffset);
-      const scalar_t* x = ctx.x + first_offset + c0;
-      scalar_t* y = ctx.y + first_offset + c0;
-      for (int64_t r = 0, offset = 0; r < last - first; ++r, offset += C) {
-        Strip::prefetch(x + offset + kPrefetchRows * C);
-        Strip::load(x + offset, width, v);
-        for (int j = 0; j < kVecs; ++j) {
-          const Vec z = at::vec::fmadd(v[j] - vmean[j], va1[j], vbias[j]);
-          v[j] = at::vec::fmsub(act_value_vec<ACT>(z, slope), vscale[j], voffset[j]);
-        }
-        Strip::store(y + offset, width, v);
+      Strip::load(x + offset, width, v);
+      Strip::load_acc(mean + c0, vmean);
+      Strip::load_acc(a1 + c0, va1);
+      Strip::load_acc(bias_c + c0, vbias);
+      Strip::load_acc(scale_c + c0, vscale);
+      Strip::load_acc(offset_c + c0, voffset);
+      for (int j = 0; j < kVecs; ++j) {
+        const Vec z = at::vec::fmadd(v[j] - vmean[j], va1[j], vbias[j]);
+        v[j] = at::vec::fmsub(act_value_vec<ACT>(z, slope), vscale[j], voffset[j]);
       }
-    });
+      Strip::store(y + offset, width, v);
+    };
+    for_each_row_strip<Strip>(last - first, C, apply_strip);
   };
 
   sample_passes<Buffers>({"fusednorm_cpu::forward_per_sample_channels_last",

@@ -257,19 +257,14 @@ inline int64_t grain_for(int64_t work_per_item) {
 }
 
 // Channels-last strips: kStripVecs accumulation vectors of channels (64 fp32 channels with
-// AVX-512) whose per-channel constants and sums stay in registers while a loop runs down the
-// rows. Per element that is one load (and one store), where a loop along each row of C channels
-// loads and stores per-channel state from memory for every vector (several times slower once C
-// is large: ~2x at C=2048). The loops must keep their sums in registers: a sum the compiler
-// spills costs a load and a store per row on its dependency chain (measured: the backward 1.3x
-// slower); see the backward's partials for the one that needs care.
-//
-// A strip walk reads a few cache lines per row at a stride of C elements, a pattern the hardware
-// prefetchers follow poorly (from L3 or memory, 8x256x56x56 bf16 ran ~40% slower than the same
-// bytes at C = 64, where a strip is the whole row): the walks prefetch the strip kPrefetchRows
-// rows ahead themselves (forward ~10-14% faster there, backward ~3-8%; 32 rows measured against
-// 16 and 64: the same or better, fp32 unchanged).
-constexpr int64_t kPrefetchRows = 32;
+// AVX-512), the unit of work of the channels-last loops, which walk the memory in order: row by
+// row, each row strip by strip, with per-channel constants and sums loaded from (and stored to)
+// small per-channel arrays that stay in L1. Walking each strip down all rows instead, constants
+// and sums in registers, reads a few cache lines per row at a stride of C elements; from memory
+// the hardware prefetchers follow that poorly, software prefetch or not (caches flushed, raw
+// forward+backward at 8x256x56x56: fp32 12.2-13.2 -> 7.4-8.0 ms, bf16 5.6-7.0 -> 3.9-5.2 ms in
+// memory order; AMD EPYC). With the data already in L3 the register walk was up to ~1.3x faster:
+// the L1 loads and stores cost less than the memory stalls they remove.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kStripVecs = 4;  // of 32 vector registers
 #else
@@ -320,14 +315,6 @@ struct ChannelStrip {
     }
   }
 
-  // Prefetch a full strip's cache lines at p into L1 (never faults: p may lie past the tensor).
-  static C10_ALWAYS_INLINE void prefetch(const scalar_t* p) {
-    constexpr int64_t kBytes = kWidth * sizeof(scalar_t);
-    for (int64_t i = 0; i < kBytes; i += 64) {
-      __builtin_prefetch(reinterpret_cast<const char*>(p) + i, /*rw=*/0, /*locality=*/3);
-    }
-  }
-
   // Per-channel arrays in acc_t, padded with zeros to a multiple of kWidth.
   static C10_ALWAYS_INLINE void load_acc(const acc_t* p, Vec* v) {
     for (int j = 0; j < kVecs; ++j) v[j] = Vec::loadu(p + j * Vec::size());
@@ -351,8 +338,20 @@ C10_ALWAYS_INLINE void for_each_strip(int64_t C, const F& f) {
   }
 }
 
+// f(offset, c0, width) for each row r < rows (C elements apart) and each strip of channels
+// [c0, c0 + width) in it, in memory order; offset = r * C + c0 is the strip's first element.
+template <typename Strip, typename F>
+C10_ALWAYS_INLINE void for_each_row_strip(int64_t rows, int64_t C, const F& f) {
+  for (int64_t r = 0, row = 0; r < rows; ++r, row += C) {
+    for_each_strip<Strip>(C, [&](int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+      f(row + c0, c0, width);
+    });
+  }
+}
+
 // Channels-last tiling: rows of C elements, in strips of Strip::kWidth channels; a block of
-// rows (kChunk elements of a strip) is what the statistics pass twice in L1; a task covers
+// rows (kChunk elements per strip) is what the statistics pass over twice, the second time from
+// L1 or L2; a task covers
 // whole blocks of rows of one n, about kTaskElements, the rows split evenly over a sample's tasks
 // (3136 rows of 256 channels: 832 + 832 + 832 + 640 rather than 3 x 1024 + 64, which gave one of
 // two threads twice the other's work when samples are too few for one task each). Shapes only:
