@@ -262,9 +262,9 @@ inline int64_t grain_for(int64_t work_per_item) {
 // small per-channel arrays that stay in L1. Walking each strip down all rows instead, constants
 // and sums in registers, reads a few cache lines per row at a stride of C elements; from memory
 // the hardware prefetchers follow that poorly, software prefetch or not (caches flushed, raw
-// forward+backward at 8x256x56x56: fp32 12.2-13.2 -> 7.4-8.0 ms, bf16 5.6-7.0 -> 3.9-5.2 ms in
-// memory order; AMD EPYC). With the data already in L3 the register walk was up to ~1.3x faster:
-// the L1 loads and stores cost less than the memory stalls they remove.
+// forward+backward at 8x256x56x56: fp32 11.8-13.2 -> 7.4-8.0 ms, bf16 5.6-7.0 -> 3.9-5.2 ms in
+// memory order; AMD EPYC). With the data already in L3 the register walk was 1.3-1.4x faster:
+// the L1 loads and stores cost less than the memory stalls they remove, but not nothing.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kStripVecs = 4;  // of 32 vector registers
 #else
