@@ -35,6 +35,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fusednorm C++/CUDA kernels; the ops are torch.ops.fusednorm.forward/backward";
   m.def("cpu_capability", &fusednorm::cpu::kernel_capability,
         "Instruction set of the CPU kernels in use: DEFAULT, AVX2, AVX512 or AVX512_BF16");
+  m.def("built_cpu_capabilities", &fusednorm::cpu::built_capabilities,
+        "The instruction sets this build has a copy of the CPU kernels for");
   // The ids compiled into the kernels; tests/test_activations.py checks them against the table
   // of fusednorm/activations.py.
   pybind11::dict ids;

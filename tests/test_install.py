@@ -107,6 +107,9 @@ def test_fresh_venv_with_newest_setuptools_gets_the_cpu_backend(tmp_path):
     python = str(env_dir / "bin" / "python")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEDNORM_")}
     env["MAX_JOBS"] = str(os.cpu_count() or 2)
+    # The install path is under test, not the kernels: the plain copy only (setup.py), a third
+    # of the build time. .ci/run's own install builds every instruction-set copy.
+    env["FUSEDNORM_CPU_KERNEL_COPIES"] = "none"
 
     def run(*args, cwd=checkout):
         done = subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -118,8 +121,18 @@ def test_fresh_venv_with_newest_setuptools_gets_the_cpu_backend(tmp_path):
     run("-m", "pip", "install", "-q", "--no-build-isolation", "-e", ".")
     out = run("-c", "import fusednorm, sys; from fusednorm import ops; "
                     "print(fusednorm.__file__); print(ops.extension_has_kernel('cpu')); "
+                    "print(fusednorm._C.cpu_capability()); "
                     "import setuptools; print(setuptools.__version__)", cwd=tmp_path)
-    path, has_cpu, setuptools_version = out.split()
+    path, has_cpu, kernel_copy, setuptools_version = out.split()
     assert Path(path).resolve().is_relative_to(checkout.resolve()), path
     assert has_cpu == "True", out
+    assert kernel_copy == "DEFAULT", out
     assert int(setuptools_version.split(".")[0]) >= 64
+
+
+def test_setup_names_an_unknown_cpu_kernel_copy():
+    env = dict(os.environ, FUSEDNORM_CPU_KERNEL_COPIES="avx2,AVX9")
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "FUSEDNORM_CPU_KERNEL_COPIES='avx2,AVX9': unknown AVX9" in done.stderr, done.stderr

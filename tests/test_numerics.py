@@ -41,6 +41,33 @@ def test_offset_data_fp32_matches_fp64(fused_backend, shape, groups, channels_la
     assert (naive_var - grouped.double().var(-1, unbiased=False)).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("pattern", ["band", "stripe"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_steps_in_the_data_match_fp64(fused_backend, pattern, channels_last):
+    """randn plus a step of 100 on a band of image rows (h < 8) or a stripe of columns (w < 3):
+    the first values of a CPU statistics chunk (NCHW: 16 elements) or block (channels-last: 4
+    rows) are then far from its mean, the case where its one-pass sums would lose digits and it
+    sums again in two passes (csrc/cpu/forward.cpp, kOnePassLimit). fp32 against fp64."""
+    backend, device = fused_backend
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 8, 64, 32, generator=gen)
+    if pattern == "band":
+        x[:, :, :8] += 100
+    else:
+        x[..., :3] += 100
+    x = to_layout(x, channels_last).to(device).requires_grad_()
+    params = _params(8, device)
+    out = fusednorm.group_norm_proxy_act(x, 2, **params, activation="silu", backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    exact = reference.group_norm_proxy_act(x64, 2, activation="silu",
+                                           **{k: v.double() for k, v in params.items()})
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-4)
+    grad = torch.randn_like(exact)
+    (dx,) = torch.autograd.grad(out, x, grad.float())
+    (dx_exact,) = torch.autograd.grad(exact, x64, grad)
+    torch.testing.assert_close(dx.double(), dx_exact, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_constant_group_gives_finite_output(fused_backend, channels_last):
     backend, device = fused_backend

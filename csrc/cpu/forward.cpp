@@ -3,9 +3,11 @@
 // compiled once per instruction set (see vec_utils.h).
 //
 // Contiguous (N, C, S) input, per (n, g) group (a contiguous range of M = C/G * S elements):
-// Welford/Chan statistics over fixed 4096-element chunks (two passes in L1 each, relative to a
-// shift), then the apply pass per row (n, c). When there are enough groups for every thread, one
-// task does both passes of a group, so the second pass reads it from L2 instead of memory;
+// statistics of fixed 4096-element chunks (one pass each about a center taken from its first
+// values, two passes in L1 where that center is far off: kOnePassLimit) merged with Chan's
+// formula, relative to a shift, then the apply pass per row (n, c). When there are enough groups
+// for every thread, one task does both passes of a group, so the second pass reads it from L2
+// instead of memory;
 // otherwise the passes run one after the other with finer tasks. Both orders compute every sum
 // the same way, so results do not depend on the thread count, and every reduction runs in a
 // fixed order (deterministic, no atomics).
@@ -26,11 +28,21 @@ namespace {
 template <typename acc_t>
 using Welford = fusednorm::Welford<acc_t, int64_t>;
 
-// State of p[0, len) - shift, len <= kChunk: the chunk's mean, then the squared deviations from
-// it (the second pass reads L1). Statistics are kept relative to a shift, an element of the
-// group: for offset data (1e4 + randn) the sums then stay small and lose no digits.
+// One-pass statistics of a chunk (sums of d = x - center and d^2, m2 = sum d^2 - (sum d)^2 / n)
+// are exact enough while the center is near the data's mean: m2's rounding error is about
+// eps * sum d^2 = eps * (m2 + (sum d)^2 / n), so at most eps * m2 / (1 - kOnePassLimit) while
+// (sum d)^2 / n <= kOnePassLimit * sum d^2. The center is the mean of the chunk's first vector of
+// values (Gaussian data: 16 values put it ~sigma / 4 off, far from the limit); past the limit (an
+// outlier among them, a step in the data) the chunk is summed again in two passes from cache.
+// One pass instead of two: bf16 forward -10 to -25% at 8x256x56x56 and 8x512x28x28.
+constexpr double kOnePassLimit = 0.75;
+// Channels-last: the rows whose mean is a block's center per channel (4 rows: ~sigma / 2 off).
+constexpr int64_t kCenterRows = 4;
+
+// State of p[0, len) - shift, len <= kChunk, in two passes: the chunk's mean, then the squared
+// deviations from it (the second pass reads L1).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
+Welford<acc_t> chunk_stats_two_pass(const scalar_t* p, int64_t len, acc_t shift) {
   using Vec = Vectorized<acc_t>;
   const Vec vshift(shift);
   Vec sum(0);
@@ -48,6 +60,33 @@ Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
     m2 = at::vec::fmadd(d, d, m2);
   });
   return {len, mean, lane_sum(m2)};
+}
+
+// State of p[0, len) - shift, len <= kChunk: one pass about a center near the chunk's mean (see
+// kOnePassLimit), else two. Statistics are kept relative to a shift, an element of the group: for
+// offset data (1e4 + randn) the means then stay small and lose no digits.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t head = std::min<int64_t>(len, Vec::size());
+  acc_t center = 0;
+  for (int64_t i = 0; i < head; ++i) center += static_cast<acc_t>(p[i]);
+  center /= static_cast<acc_t>(head);
+  const Vec vcenter(center);
+  Vec sum(0), squares(0);
+  reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
+    Vec d = v - vcenter;
+    if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
+    sum += d;
+    squares = at::vec::fmadd(d, d, squares);
+  });
+  const acc_t n = static_cast<acc_t>(len), total = lane_sum(sum), total_sq = lane_sum(squares);
+  const acc_t correction = total * total / n;
+  // NaN passes (and reaches the outputs); a far-off center does not.
+  if (correction > static_cast<acc_t>(kOnePassLimit) * total_sq) {
+    return chunk_stats_two_pass(p, len, shift);
+  }
+  return {len, (center - shift) + total / n, std::max(total_sq - correction, acc_t(0))};
 }
 
 template <typename scalar_t>
@@ -165,19 +204,102 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     return std::make_pair(first, std::min(S, first + tiling.task_rows));
   };
 
-  // Statistics: per block of rows each channel's mean and squared deviations (two passes over
-  // the block, the second from cache), merged per channel over the blocks of a task (Chan), then
-  // into the groups' states, which are merged over tasks. All relative to a shift per (n, g), the
+  // Statistics: per block of rows each channel's mean and squared deviations (block_stats: one
+  // pass, or two where needed), merged per channel over the blocks of a task (Chan), then into
+  // the groups' states, which are merged over tasks. All relative to a shift per (n, g), the
   // group's first element (see chunk_stats).
   auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
   std::vector<Welford<acc_t>> states(tasks * G);
   // Per-thread, per-channel buffers of the statistics (shift, task and block states) and the
   // apply (mean, a1).
   struct Buffers {
-    std::vector<acc_t> shift, task_mean, task_m2, block_mean, block_m2, mean, a1;
+    std::vector<acc_t> shift, task_mean, task_m2, block_mean, block_m2, center, mean, a1;
     explicit Buffers(int64_t P)
         : shift(P, 0), task_mean(P, 0), task_m2(P, 0), block_mean(P, 0), block_m2(P, 0),
-          mean(P, 0), a1(P, 0) {}
+          center(P, 0), mean(P, 0), a1(P, 0) {}
+  };
+  // A block's per-channel mean and squared deviations (relative to the shift) into block_mean
+  // and block_m2: one pass about a center per channel, the mean of the block's first rows
+  // (kOnePassLimit), or two passes (the mean, then the deviations from it) where the center of
+  // any channel is too far off.
+  auto block_stats = [&](const scalar_t* block, int64_t rows, const acc_t* shift,
+                         Buffers& buffers) {
+    acc_t* block_mean = buffers.block_mean.data();
+    acc_t* block_m2 = buffers.block_m2.data();
+    acc_t* center = buffers.center.data();
+    const int64_t head = std::min(kCenterRows, rows);
+    std::fill(center, center + P, acc_t(0));
+    auto head_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+      Vec v[kVecs], sum[kVecs];
+      Strip::load(block + offset, width, v);
+      Strip::load_acc(center + c0, sum);
+      for (int j = 0; j < kVecs; ++j) sum[j] += v[j];
+      Strip::store_acc(center + c0, sum);
+    };
+    for_each_row_strip<Strip>(head, C, head_strip);
+    const Vec inv_head(acc_t(1) / static_cast<acc_t>(head));
+    for (int64_t c = 0; c < P; c += Vec::size()) {
+      (Vec::loadu(center + c) * inv_head).store(center + c);
+    }
+    // Sums of d = x - center and d^2, in block_mean and block_m2.
+    std::fill(block_mean, block_mean + P, acc_t(0));
+    std::fill(block_m2, block_m2 + P, acc_t(0));
+    auto one_pass_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+      Vec v[kVecs], vcenter[kVecs], sum[kVecs], squares[kVecs];
+      Strip::load(block + offset, width, v);
+      Strip::load_acc(center + c0, vcenter);
+      Strip::load_acc(block_mean + c0, sum);
+      Strip::load_acc(block_m2 + c0, squares);
+      for (int j = 0; j < kVecs; ++j) {
+        const Vec d = v[j] - vcenter[j];
+        sum[j] += d;
+        squares[j] = at::vec::fmadd(d, d, squares[j]);
+      }
+      Strip::store_acc(block_mean + c0, sum);
+      Strip::store_acc(block_m2 + c0, squares);
+    };
+    for_each_row_strip<Strip>(rows, C, one_pass_strip);
+    const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
+    const Vec limit(static_cast<acc_t>(kOnePassLimit)), zero(0);
+    constexpr int kAllLanes = (1 << Vec::size()) - 1;
+    bool far_off = false;
+    for (int64_t c = 0; c < P; c += Vec::size()) {
+      const Vec sum = Vec::loadu(block_mean + c), squares = Vec::loadu(block_m2 + c);
+      const Vec correction = sum * sum * inv_rows;
+      // NaN passes (and reaches the outputs); a far-off center does not. zero_mask: the lanes
+      // where the comparison is false.
+      far_off |= (correction > limit * squares).zero_mask() != kAllLanes;
+      (Vec::loadu(center + c) - Vec::loadu(shift + c) + sum * inv_rows).store(block_mean + c);
+      at::vec::maximum(squares - correction, zero).store(block_m2 + c);
+    }
+    if (!far_off) return;
+    std::fill(block_mean, block_mean + P, acc_t(0));
+    std::fill(block_m2, block_m2 + P, acc_t(0));
+    auto sum_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+      Vec v[kVecs], vshift[kVecs], sum[kVecs];
+      Strip::load(block + offset, width, v);
+      Strip::load_acc(shift + c0, vshift);
+      Strip::load_acc(block_mean + c0, sum);
+      for (int j = 0; j < kVecs; ++j) sum[j] += v[j] - vshift[j];
+      Strip::store_acc(block_mean + c0, sum);
+    };
+    for_each_row_strip<Strip>(rows, C, sum_strip);
+    for (int64_t c = 0; c < P; c += Vec::size()) {
+      (Vec::loadu(block_mean + c) * inv_rows).store(block_mean + c);
+    }
+    auto m2_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+      Vec v[kVecs], vshift[kVecs], mean[kVecs], m2[kVecs];
+      Strip::load(block + offset, width, v);
+      Strip::load_acc(shift + c0, vshift);
+      Strip::load_acc(block_mean + c0, mean);
+      Strip::load_acc(block_m2 + c0, m2);
+      for (int j = 0; j < kVecs; ++j) {
+        const Vec d = (v[j] - vshift[j]) - mean[j];
+        m2[j] = at::vec::fmadd(d, d, m2[j]);
+      }
+      Strip::store_acc(block_m2 + c0, m2);
+    };
+    for_each_row_strip<Strip>(rows, C, m2_strip);
   };
   auto stats_task = [&](int64_t task, Buffers& buffers) {
     acc_t* shift = buffers.shift.data();
@@ -194,35 +316,7 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
       const int64_t rows = std::min(tiling.block_rows, last - s0);
       const scalar_t* block = ctx.x + (n * S + s0) * C;
-      // The block's per-channel mean, then the squared deviations from it.
-      std::fill(block_mean, block_mean + P, acc_t(0));
-      std::fill(block_m2, block_m2 + P, acc_t(0));
-      auto sum_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-        Vec v[kVecs], vshift[kVecs], sum[kVecs];
-        Strip::load(block + offset, width, v);
-        Strip::load_acc(shift + c0, vshift);
-        Strip::load_acc(block_mean + c0, sum);
-        for (int j = 0; j < kVecs; ++j) sum[j] += v[j] - vshift[j];
-        Strip::store_acc(block_mean + c0, sum);
-      };
-      for_each_row_strip<Strip>(rows, C, sum_strip);
-      const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
-      for (int64_t c = 0; c < P; c += Vec::size()) {
-        (Vec::loadu(block_mean + c) * inv_rows).store(block_mean + c);
-      }
-      auto m2_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-        Vec v[kVecs], vshift[kVecs], mean[kVecs], m2[kVecs];
-        Strip::load(block + offset, width, v);
-        Strip::load_acc(shift + c0, vshift);
-        Strip::load_acc(block_mean + c0, mean);
-        Strip::load_acc(block_m2 + c0, m2);
-        for (int j = 0; j < kVecs; ++j) {
-          const Vec d = (v[j] - vshift[j]) - mean[j];
-          m2[j] = at::vec::fmadd(d, d, m2[j]);
-        }
-        Strip::store_acc(block_m2 + c0, m2);
-      };
-      for_each_row_strip<Strip>(rows, C, m2_strip);
+      block_stats(block, rows, shift, buffers);
       // Chan's merge of the block into the task's per-channel states (every channel has the
       // same count).
       if (count == 0) {

@@ -217,6 +217,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 
 const char* kernel_capability() { return kernels().capability; }
 
+std::vector<std::string> built_capabilities() {
+  std::vector<std::string> built{"DEFAULT"};
+#ifdef FUSEDNORM_HAVE_AVX2
+  built.push_back("AVX2");
+#endif
+#ifdef FUSEDNORM_HAVE_AVX512
+  built.push_back("AVX512");
+#endif
+#ifdef FUSEDNORM_HAVE_AVX512_BF16
+  built.push_back("AVX512_BF16");
+#endif
+  return built;
+}
+
 TORCH_LIBRARY_IMPL(fusednorm, CPU, m) {
   m.impl("forward", &forward_cpu);
   m.impl("backward", &backward_cpu);

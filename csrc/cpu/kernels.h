@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace fusednorm::cpu {
 
@@ -98,4 +100,6 @@ namespace fusednorm::cpu {
 // DEFAULT); AVX512_BF16 where ATen uses AVX512 and the CPU has AVX512-BF16, unless
 // FUSEDNORM_NO_AVX512_BF16=1.
 const char* kernel_capability();
+// The copies of the kernels in this build (setup.py: FUSEDNORM_CPU_KERNEL_COPIES).
+std::vector<std::string> built_capabilities();
 }  // namespace fusednorm::cpu

@@ -37,7 +37,7 @@ namespace {
 using at::vec::Vectorized;
 
 // Elements summed in vector registers before the sum is added to a scalar total: bounds the
-// rounding error of long fp32 sums, and keeps a statistics chunk in L1 for its second pass.
+// rounding error of long fp32 sums, and keeps a statistics chunk in L1 for a second pass.
 constexpr int64_t kChunk = 4096;
 // Channels-last: elements covered by one task (rows of one n).
 constexpr int64_t kTaskElements = 1 << 18;
