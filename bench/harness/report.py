@@ -165,7 +165,9 @@ def git_commit() -> dict:
     def git(*argv):
         return subprocess.run(["git", "-C", str(REPO_ROOT), *argv], capture_output=True,
                               text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+    # Results written by earlier runs (bench/results/) are not changes to what is measured.
+    changes = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changes)}
 
 
 def cpu_model() -> str:
