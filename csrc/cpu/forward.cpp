@@ -19,6 +19,7 @@
 #include "../welford.h"
 
 #include <cmath>
+#include <utility>
 #include <vector>
 
 namespace fusednorm::cpu::FUSEDNORM_KERNELS {
@@ -32,46 +33,20 @@ using Welford = fusednorm::Welford<acc_t, int64_t>;
 // are exact enough while the center is near the data's mean: m2's rounding error is about
 // eps * sum d^2 = eps * (m2 + (sum d)^2 / n), so at most eps * m2 / (1 - kOnePassLimit) while
 // (sum d)^2 / n <= kOnePassLimit * sum d^2. The center is the mean of the chunk's first vector of
-// values (Gaussian data: 16 values put it ~sigma / 4 off, far from the limit); past the limit (an
-// outlier among them, a step in the data) the chunk is summed again in two passes from cache.
-// One pass instead of two: bf16 forward -10 to -25% at 8x256x56x56 and 8x512x28x28.
-constexpr double kOnePassLimit = 0.75;
+// values (Gaussian data: 16 values put it ~sigma / 4 off, the limit at 3 sigma); past the limit (an
+// outlier among them, a step in the data) the chunk's mean is summed first and the sums are taken
+// again about it (two passes from cache). One pass instead of two: bf16 forward -10 to -25% at
+// 8x256x56x56 and 8x512x28x28.
+constexpr double kOnePassLimit = 0.9;
 // Channels-last: the rows whose mean is a block's center per channel (4 rows: ~sigma / 2 off).
 constexpr int64_t kCenterRows = 4;
 
-// State of p[0, len) - shift, len <= kChunk, in two passes: the chunk's mean, then the squared
-// deviations from it (the second pass reads L1).
+// The state of p[0, len) - shift from one pass of sums about `center`, and whether the center was
+// too far off for them (kOnePassLimit; NaN data passes, and reaches the outputs).
 template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-Welford<acc_t> chunk_stats_two_pass(const scalar_t* p, int64_t len, acc_t shift) {
+std::pair<Welford<acc_t>, bool> sums_about(const scalar_t* p, int64_t len, acc_t center,
+                                           acc_t shift) {
   using Vec = Vectorized<acc_t>;
-  const Vec vshift(shift);
-  Vec sum(0);
-  reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
-    Vec d = v - vshift;
-    if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
-    sum += d;
-  });
-  const acc_t mean = lane_sum(sum) / static_cast<acc_t>(len);
-  const Vec vmean(mean);
-  Vec m2(0);
-  reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
-    Vec d = (v - vshift) - vmean;
-    if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
-    m2 = at::vec::fmadd(d, d, m2);
-  });
-  return {len, mean, lane_sum(m2)};
-}
-
-// State of p[0, len) - shift, len <= kChunk: one pass about a center near the chunk's mean (see
-// kOnePassLimit), else two. Statistics are kept relative to a shift, an element of the group: for
-// offset data (1e4 + randn) the means then stay small and lose no digits.
-template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
-Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
-  using Vec = Vectorized<acc_t>;
-  const int64_t head = std::min<int64_t>(len, Vec::size());
-  acc_t center = 0;
-  for (int64_t i = 0; i < head; ++i) center += static_cast<acc_t>(p[i]);
-  center /= static_cast<acc_t>(head);
   const Vec vcenter(center);
   Vec sum(0), squares(0);
   reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
@@ -82,11 +57,29 @@ Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
   });
   const acc_t n = static_cast<acc_t>(len), total = lane_sum(sum), total_sq = lane_sum(squares);
   const acc_t correction = total * total / n;
-  // NaN passes (and reaches the outputs); a far-off center does not.
-  if (correction > static_cast<acc_t>(kOnePassLimit) * total_sq) {
-    return chunk_stats_two_pass(p, len, shift);
-  }
-  return {len, (center - shift) + total / n, std::max(total_sq - correction, acc_t(0))};
+  return {{len, (center - shift) + total / n, std::max(total_sq - correction, acc_t(0))},
+          correction > static_cast<acc_t>(kOnePassLimit) * total_sq};
+}
+
+// State of p[0, len) - shift, len <= kChunk (see kOnePassLimit). Statistics are kept relative to
+// a shift, an element of the group: for offset data (1e4 + randn) the means then stay small and
+// lose no digits.
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t head = std::min<int64_t>(len, Vec::size());
+  acc_t center = 0;
+  for (int64_t i = 0; i < head; ++i) center += static_cast<acc_t>(p[i]);
+  const auto [state, far_off] = sums_about(p, len, center / static_cast<acc_t>(head), shift);
+  if (!far_off) return state;
+  const Vec vshift(shift);
+  Vec sum(0);
+  reduce1(p, len, [&](const Vec& v, int64_t valid, int64_t) {
+    Vec d = v - vshift;
+    if (valid < Vec::size()) d = Vec::set(Vec(0), d, valid);
+    sum += d;
+  });
+  return sums_about(p, len, shift + lane_sum(sum) / static_cast<acc_t>(len), shift).first;
 }
 
 template <typename scalar_t>
@@ -219,87 +212,73 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
           center(P, 0), mean(P, 0), a1(P, 0) {}
   };
   // A block's per-channel mean and squared deviations (relative to the shift) into block_mean
-  // and block_m2: one pass about a center per channel, the mean of the block's first rows
-  // (kOnePassLimit), or two passes (the mean, then the deviations from it) where the center of
-  // any channel is too far off.
+  // and block_m2: one pass of sums about a center per channel, the mean of the block's first rows
+  // (kOnePassLimit); where the center of any channel is too far off, the block's mean is summed
+  // first and the sums are taken again about it.
   auto block_stats = [&](const scalar_t* block, int64_t rows, const acc_t* shift,
                          Buffers& buffers) {
     acc_t* block_mean = buffers.block_mean.data();
     acc_t* block_m2 = buffers.block_m2.data();
     acc_t* center = buffers.center.data();
-    const int64_t head = std::min(kCenterRows, rows);
-    std::fill(center, center + P, acc_t(0));
-    auto head_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-      Vec v[kVecs], sum[kVecs];
-      Strip::load(block + offset, width, v);
-      Strip::load_acc(center + c0, sum);
-      for (int j = 0; j < kVecs; ++j) sum[j] += v[j];
-      Strip::store_acc(center + c0, sum);
-    };
-    for_each_row_strip<Strip>(head, C, head_strip);
-    const Vec inv_head(acc_t(1) / static_cast<acc_t>(head));
-    for (int64_t c = 0; c < P; c += Vec::size()) {
-      (Vec::loadu(center + c) * inv_head).store(center + c);
-    }
-    // Sums of d = x - center and d^2, in block_mean and block_m2.
-    std::fill(block_mean, block_mean + P, acc_t(0));
-    std::fill(block_m2, block_m2 + P, acc_t(0));
-    auto one_pass_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-      Vec v[kVecs], vcenter[kVecs], sum[kVecs], squares[kVecs];
-      Strip::load(block + offset, width, v);
-      Strip::load_acc(center + c0, vcenter);
-      Strip::load_acc(block_mean + c0, sum);
-      Strip::load_acc(block_m2 + c0, squares);
-      for (int j = 0; j < kVecs; ++j) {
-        const Vec d = v[j] - vcenter[j];
-        sum[j] += d;
-        squares[j] = at::vec::fmadd(d, d, squares[j]);
+    // The mean of `count` rows per channel into center, relative to `base` (nullptr: 0).
+    auto rows_mean = [&](int64_t count, const acc_t* base) {
+      std::fill(center, center + P, acc_t(0));
+      auto sum_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+        Vec v[kVecs], vbase[kVecs], sum[kVecs];
+        Strip::load(block + offset, width, v);
+        Strip::load_acc(center + c0, sum);
+        if (base != nullptr) {
+          Strip::load_acc(base + c0, vbase);
+          for (int j = 0; j < kVecs; ++j) v[j] = v[j] - vbase[j];
+        }
+        for (int j = 0; j < kVecs; ++j) sum[j] += v[j];
+        Strip::store_acc(center + c0, sum);
+      };
+      for_each_row_strip<Strip>(count, C, sum_strip);
+      const Vec inv_count(acc_t(1) / static_cast<acc_t>(count));
+      for (int64_t c = 0; c < P; c += Vec::size()) {
+        const Vec mean = Vec::loadu(center + c) * inv_count;
+        (base != nullptr ? Vec::loadu(base + c) + mean : mean).store(center + c);
       }
-      Strip::store_acc(block_mean + c0, sum);
-      Strip::store_acc(block_m2 + c0, squares);
     };
-    for_each_row_strip<Strip>(rows, C, one_pass_strip);
-    const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
-    const Vec limit(static_cast<acc_t>(kOnePassLimit)), zero(0);
-    constexpr int kAllLanes = (1 << Vec::size()) - 1;
-    bool far_off = false;
-    for (int64_t c = 0; c < P; c += Vec::size()) {
-      const Vec sum = Vec::loadu(block_mean + c), squares = Vec::loadu(block_m2 + c);
-      const Vec correction = sum * sum * inv_rows;
-      // NaN passes (and reaches the outputs); a far-off center does not. zero_mask: the lanes
-      // where the comparison is false.
-      far_off |= (correction > limit * squares).zero_mask() != kAllLanes;
-      (Vec::loadu(center + c) - Vec::loadu(shift + c) + sum * inv_rows).store(block_mean + c);
-      at::vec::maximum(squares - correction, zero).store(block_m2 + c);
-    }
-    if (!far_off) return;
-    std::fill(block_mean, block_mean + P, acc_t(0));
-    std::fill(block_m2, block_m2 + P, acc_t(0));
-    auto sum_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-      Vec v[kVecs], vshift[kVecs], sum[kVecs];
-      Strip::load(block + offset, width, v);
-      Strip::load_acc(shift + c0, vshift);
-      Strip::load_acc(block_mean + c0, sum);
-      for (int j = 0; j < kVecs; ++j) sum[j] += v[j] - vshift[j];
-      Strip::store_acc(block_mean + c0, sum);
-    };
-    for_each_row_strip<Strip>(rows, C, sum_strip);
-    for (int64_t c = 0; c < P; c += Vec::size()) {
-      (Vec::loadu(block_mean + c) * inv_rows).store(block_mean + c);
-    }
-    auto m2_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-      Vec v[kVecs], vshift[kVecs], mean[kVecs], m2[kVecs];
-      Strip::load(block + offset, width, v);
-      Strip::load_acc(shift + c0, vshift);
-      Strip::load_acc(block_mean + c0, mean);
-      Strip::load_acc(block_m2 + c0, m2);
-      for (int j = 0; j < kVecs; ++j) {
-        const Vec d = (v[j] - vshift[j]) - mean[j];
-        m2[j] = at::vec::fmadd(d, d, m2[j]);
+    // Sums of d = x - center and d^2 per channel, then the block's state; whether any channel's
+    // center was too far off.
+    auto sums_about_center = [&]() {
+      std::fill(block_mean, block_mean + P, acc_t(0));
+      std::fill(block_m2, block_m2 + P, acc_t(0));
+      auto sums_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
+        Vec v[kVecs], vcenter[kVecs], sum[kVecs], squares[kVecs];
+        Strip::load(block + offset, width, v);
+        Strip::load_acc(center + c0, vcenter);
+        Strip::load_acc(block_mean + c0, sum);
+        Strip::load_acc(block_m2 + c0, squares);
+        for (int j = 0; j < kVecs; ++j) {
+          const Vec d = v[j] - vcenter[j];
+          sum[j] += d;
+          squares[j] = at::vec::fmadd(d, d, squares[j]);
+        }
+        Strip::store_acc(block_mean + c0, sum);
+        Strip::store_acc(block_m2 + c0, squares);
+      };
+      for_each_row_strip<Strip>(rows, C, sums_strip);
+      const Vec inv_rows(acc_t(1) / static_cast<acc_t>(rows));
+      const Vec limit(static_cast<acc_t>(kOnePassLimit)), zero(0);
+      constexpr int kAllLanes = (1 << Vec::size()) - 1;
+      bool far_off = false;
+      for (int64_t c = 0; c < P; c += Vec::size()) {
+        const Vec sum = Vec::loadu(block_mean + c), squares = Vec::loadu(block_m2 + c);
+        const Vec correction = sum * sum * inv_rows;
+        // zero_mask: the lanes where the comparison is false (NaN included).
+        far_off |= (correction > limit * squares).zero_mask() != kAllLanes;
+        (Vec::loadu(center + c) - Vec::loadu(shift + c) + sum * inv_rows).store(block_mean + c);
+        at::vec::maximum(squares - correction, zero).store(block_m2 + c);
       }
-      Strip::store_acc(block_m2 + c0, m2);
+      return far_off;
     };
-    for_each_row_strip<Strip>(rows, C, m2_strip);
+    rows_mean(std::min(kCenterRows, rows), nullptr);
+    if (!sums_about_center()) return;
+    rows_mean(rows, shift);
+    sums_about_center();
   };
   auto stats_task = [&](int64_t task, Buffers& buffers) {
     acc_t* shift = buffers.shift.data();
