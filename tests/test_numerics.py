@@ -45,8 +45,8 @@ def test_offset_data_fp32_matches_fp64(fused_backend, shape, groups, channels_la
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_steps_in_the_data_match_fp64(fused_backend, pattern, channels_last):
     """randn plus a step of 100 on a band of image rows (h < 4) or a stripe of columns (w < 4),
-    1/16 of each channel: the first values of a CPU statistics chunk (NCHW: 16 elements of a
-    4096-element channel) or block (channels-last: 4 rows of 64 or 256, one image row or four)
+    1/16 of each channel: the first values of a CPU statistics chunk (NCHW: its first vector, 16
+    or 8 values, of a 4096-element channel) or block (channels-last: 4 rows of 64 or 256)
     are in the step, ~15/16 of the step away from its mean, where the one-pass sums about them
     would lose digits ((sum d)^2 / n is 15/16 of sum d^2, over the 0.9 of kOnePassLimit in
     csrc/cpu/forward.cpp) and the kernel sums again about the chunk's mean. fp32 against fp64."""
