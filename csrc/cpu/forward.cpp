@@ -220,25 +220,22 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     acc_t* block_mean = buffers.block_mean.data();
     acc_t* block_m2 = buffers.block_m2.data();
     acc_t* center = buffers.center.data();
-    // The mean of `count` rows per channel into center, relative to `base` (nullptr: 0).
-    auto rows_mean = [&](int64_t count, const acc_t* base) {
+    // center = the mean of the block's first `count` rows per channel (summed relative to the
+    // shift, as everything here).
+    auto rows_mean = [&](int64_t count) {
       std::fill(center, center + P, acc_t(0));
       auto sum_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-        Vec v[kVecs], vbase[kVecs], sum[kVecs];
+        Vec v[kVecs], vshift[kVecs], sum[kVecs];
         Strip::load(block + offset, width, v);
+        Strip::load_acc(shift + c0, vshift);
         Strip::load_acc(center + c0, sum);
-        if (base != nullptr) {
-          Strip::load_acc(base + c0, vbase);
-          for (int j = 0; j < kVecs; ++j) v[j] = v[j] - vbase[j];
-        }
-        for (int j = 0; j < kVecs; ++j) sum[j] += v[j];
+        for (int j = 0; j < kVecs; ++j) sum[j] += v[j] - vshift[j];
         Strip::store_acc(center + c0, sum);
       };
       for_each_row_strip<Strip>(count, C, sum_strip);
       const Vec inv_count(acc_t(1) / static_cast<acc_t>(count));
       for (int64_t c = 0; c < P; c += Vec::size()) {
-        const Vec mean = Vec::loadu(center + c) * inv_count;
-        (base != nullptr ? Vec::loadu(base + c) + mean : mean).store(center + c);
+        at::vec::fmadd(Vec::loadu(center + c), inv_count, Vec::loadu(shift + c)).store(center + c);
       }
     };
     // Sums of d = x - center and d^2 per channel, then the block's state; whether any channel's
@@ -275,9 +272,9 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
       }
       return far_off;
     };
-    rows_mean(std::min(kCenterRows, rows), nullptr);
+    rows_mean(std::min(kCenterRows, rows));
     if (!sums_about_center()) return;
-    rows_mean(rows, shift);
+    rows_mean(rows);
     sums_about_center();
   };
   auto stats_task = [&](int64_t task, Buffers& buffers) {
