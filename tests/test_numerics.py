@@ -14,6 +14,22 @@ def _params(channels, device, dtype=torch.float32):
                 bias=(0.3 * torch.randn(channels, generator=gen)).to(device, dtype))
 
 
+def _assert_silu_fp32_matches_fp64(x, groups, backend, atol):
+    """GN+PN with SiLU of fp32 x (a leaf on the backend's device) against the fp64 reference:
+    the output and dx, each within atol."""
+    x.requires_grad_()
+    params = _params(x.shape[1], x.device)
+    out = fusednorm.group_norm_proxy_act(x, groups, **params, activation="silu", backend=backend)
+    x64 = x.detach().double().requires_grad_()
+    exact = reference.group_norm_proxy_act(x64, groups, activation="silu",
+                                           **{k: v.double() for k, v in params.items()})
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=atol)
+    grad = torch.randn_like(exact)
+    (dx,) = torch.autograd.grad(out, x, grad.float())
+    (dx_exact,) = torch.autograd.grad(exact, x64, grad)
+    torch.testing.assert_close(dx.double(), dx_exact, rtol=0, atol=atol)
+
+
 @pytest.mark.parametrize("shape,groups", [((2, 16, 24, 24), 4), ((1, 8, 70, 70), 1),
                                           ((2, 12, 5, 6, 7), 3)], ids=["4d", "one_group", "3d"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -24,17 +40,7 @@ def test_offset_data_fp32_matches_fp64(fused_backend, shape, groups, channels_la
     backend, device = fused_backend
     gen = torch.Generator().manual_seed(0)
     x = to_layout(1e4 + torch.randn(shape, generator=gen), channels_last).to(device)
-    x.requires_grad_()
-    params = _params(shape[1], device)
-    out = fusednorm.group_norm_proxy_act(x, groups, **params, activation="silu", backend=backend)
-    x64 = x.detach().double().requires_grad_()
-    exact = reference.group_norm_proxy_act(x64, groups, activation="silu",
-                                           **{k: v.double() for k, v in params.items()})
-    torch.testing.assert_close(out.double(), exact, rtol=0, atol=4e-3)
-    grad = torch.randn_like(exact)
-    (dx,) = torch.autograd.grad(out, x, grad.float())
-    (dx_exact,) = torch.autograd.grad(exact, x64, grad)
-    torch.testing.assert_close(dx.double(), dx_exact, rtol=0, atol=4e-3)
+    _assert_silu_fp32_matches_fp64(x, groups, backend, atol=4e-3)
     # The naive one-pass variance E[x^2] - E[x]^2 in fp32 is far off here: the check has teeth.
     grouped = x.detach().reshape(shape[0], groups, -1)
     naive_var = (grouped * grouped).mean(-1) - grouped.mean(-1) ** 2
@@ -57,17 +63,7 @@ def test_steps_in_the_data_match_fp64(fused_backend, pattern, channels_last):
         x[:, :, :4] += 100
     else:
         x[..., :4] += 100
-    x = to_layout(x, channels_last).to(device).requires_grad_()
-    params = _params(8, device)
-    out = fusednorm.group_norm_proxy_act(x, 2, **params, activation="silu", backend=backend)
-    x64 = x.detach().double().requires_grad_()
-    exact = reference.group_norm_proxy_act(x64, 2, activation="silu",
-                                           **{k: v.double() for k, v in params.items()})
-    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-4)
-    grad = torch.randn_like(exact)
-    (dx,) = torch.autograd.grad(out, x, grad.float())
-    (dx_exact,) = torch.autograd.grad(exact, x64, grad)
-    torch.testing.assert_close(dx.double(), dx_exact, rtol=0, atol=1e-4)
+    _assert_silu_fp32_matches_fp64(to_layout(x, channels_last).to(device), 2, backend, atol=1e-4)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
