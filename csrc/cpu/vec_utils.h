@@ -45,6 +45,21 @@ constexpr int64_t kTaskElements = 1 << 18;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// The first pass over data from memory (statistics, backward partials; both layouts) prefetches
+// this far ahead of its loads: the hardware prefetchers alone left it at half the read bandwidth
+// of a plain sum. Raw forward + backward, caches flushed, 2 threads, Intel Xeon (AVX512_BF16),
+// 8x256x56x56 / 8x512x28x28: channels-last bf16 4.45-4.47 -> 3.98-4.07 / 2.31-2.40 ->
+// 2.06-2.08 ms, fp32 8.33-8.83 -> 7.66-7.82 / 4.29-4.49 -> 3.84-4.01 ms; NCHW bf16 3.91-3.94 ->
+// 3.37-3.55 / 2.20-2.25 -> 1.93-2.06 ms, fp32 5.83-5.89 -> 5.46-5.62 / 3.21-3.24 -> 3.04-3.09
+// ms. 2 KB ahead gained a little less; 14x14 and 7x7 unchanged or faster. In the NCHW second
+// passes (map1, map2: data in L2) it made no difference, so they do without; the channels-last
+// strips prefetch in both passes. Prefetches past the end of the data never fault.
+constexpr int64_t kPrefetchBytes = 4096;
+inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
+                                                   kPrefetchBytes), 0, 3);
+}
+
 // Loads and stores of scalar_t as vectors of its accumulation type: one vector per step for
 // float/double, two for half/bfloat16.
 template <typename scalar_t>
@@ -113,6 +128,7 @@ inline void reduce1(const scalar_t* p, int64_t len, const F& f) {
   Vec v[IO::kParts];
   int64_t i = 0;
   for (; i + IO::kStep <= len; i += IO::kStep) {
+    prefetch_ahead(p + i);
     IO::load(p + i, v);
     for (int part = 0; part < IO::kParts; ++part) f(v[part], Vec::size(), i + part * Vec::size());
   }
@@ -133,6 +149,8 @@ inline void reduce2(const scalar_t* p, const scalar_t* q, int64_t len, const F& 
   Vec v[IO::kParts], w[IO::kParts];
   int64_t i = 0;
   for (; i + IO::kStep <= len; i += IO::kStep) {
+    prefetch_ahead(p + i);
+    prefetch_ahead(q + i);
     IO::load(p + i, v);
     IO::load(q + i, w);
     for (int part = 0; part < IO::kParts; ++part) {
@@ -265,15 +283,6 @@ inline int64_t grain_for(int64_t work_per_item) {
 // forward+backward at 8x256x56x56: fp32 11.8-13.2 -> 7.4-8.0 ms, bf16 5.6-7.0 -> 3.9-5.2 ms in
 // memory order; AMD EPYC). With the data already in L3 the register walk was 1.3-1.4x faster:
 // the L1 loads and stores cost less than the memory stalls they remove, but not nothing.
-//
-// The loads of the memory-order walk prefetch 4 KB ahead (a few rows): the hardware prefetchers
-// alone left the first pass of a sample (statistics, backward partials) at half the read
-// bandwidth of a plain sum. Raw forward + backward, caches flushed, 2 threads, Intel Xeon
-// (AVX512_BF16), channels-last 8x512x28x28 / 8x256x56x56: bf16 2.31-2.40 -> 2.06-2.08 /
-// 4.45-4.47 -> 3.98-4.07 ms, fp32 4.29-4.49 -> 3.84-4.01 / 8.33-8.83 -> 7.66-7.82 ms; 2 KB
-// ahead gained a little less; 14x14 and 7x7 unchanged or faster. Prefetches past the end of the data are
-// harmless (they never fault).
-constexpr int64_t kPrefetchBytes = 4096;
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kStripVecs = 4;  // of 32 vector registers
 #else
@@ -291,12 +300,11 @@ struct ChannelStrip {
   static_assert(kSteps * IO::kParts == kVecs);
 
   // v[0, kVecs) = p[0, width) in the accumulation type, zeros past width. A full strip also
-  // prefetches the lines kPrefetchBytes ahead (see there).
+  // prefetches its lines kPrefetchBytes ahead.
   static C10_ALWAYS_INLINE void load(const scalar_t* p, int64_t width, Vec* v) {
     if (width == kWidth) {
-      const uintptr_t ahead = reinterpret_cast<uintptr_t>(p) + kPrefetchBytes;
       for (int64_t b = 0; b < kWidth * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
-        __builtin_prefetch(reinterpret_cast<const void*>(ahead + b), 0, 3);
+        prefetch_ahead(reinterpret_cast<const char*>(p) + b);
       }
       for (int s = 0; s < kSteps; ++s) IO::load(p + s * IO::kStep, v + s * IO::kParts);
       return;
