@@ -45,19 +45,30 @@ constexpr int64_t kTaskElements = 1 << 18;
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// The first pass over data from memory (statistics, backward partials; both layouts) prefetches
-// this far ahead of its loads: the hardware prefetchers alone left it at half the read bandwidth
-// of a plain sum. Raw forward + backward, caches flushed, 2 threads, Intel Xeon (AVX512_BF16),
-// 8x256x56x56 / 8x512x28x28: channels-last bf16 4.45-4.47 -> 3.98-4.07 / 2.31-2.40 ->
-// 2.06-2.08 ms, fp32 8.33-8.83 -> 7.66-7.82 / 4.29-4.49 -> 3.84-4.01 ms; NCHW bf16 3.91-3.94 ->
-// 3.37-3.55 / 2.20-2.25 -> 1.93-2.06 ms, fp32 5.83-5.89 -> 5.46-5.62 / 3.21-3.24 -> 3.04-3.09
-// ms. 2 KB ahead gained a little less; 14x14 and 7x7 unchanged or faster. In the NCHW second
-// passes (map1, map2: data in L2) it made no difference, so they do without; the channels-last
-// strips prefetch in both passes. Prefetches past the end of the data never fault.
+// Loads from memory and stores prefetch this far ahead. The first pass over data from memory
+// (statistics, backward partials; both layouts) read at half the bandwidth of a plain sum with
+// the hardware prefetchers alone; the stores of y and dx (second passes) wait for each line's
+// read for ownership, which a prefetch of the output lines starts early (prefetch_write_ahead:
+// PREFETCHT0 in these builds, without -mprfchw; PREFETCHW not tried). Raw forward + backward,
+// caches flushed, 2 threads, Intel Xeon (AVX512_BF16), 8x256x56x56 / 8x512x28x28, ms:
+//   read prefetch in the first passes: channels-last bf16 4.45-4.47 -> 3.98-4.07 / 2.31-2.40 ->
+//   2.06-2.08, fp32 8.33-8.83 -> 7.66-7.82 / 4.29-4.49 -> 3.84-4.01; NCHW bf16 3.91-3.94 ->
+//   3.37-3.55 / 2.20-2.25 -> 1.93-2.06, fp32 5.83-5.89 -> 5.46-5.62 / 3.21-3.24 -> 3.04-3.09;
+//   then the write prefetch: channels-last bf16 3.74-3.80 -> 3.42-3.47 / 1.94-2.07 -> 1.77-1.79,
+//   fp32 7.49 -> 6.14 / 3.78 -> 3.08; NCHW bf16 3.21-3.24 -> 2.95-3.06 / 1.87-1.89 -> 1.70-1.73,
+//   fp32 5.67 -> 5.10 / 3.11 -> 2.74.
+// 2 KB ahead gained a little less; 14x14 and 7x7 unchanged or faster. A read prefetch in the
+// NCHW second passes (map1, map2: data in L2) made no difference, so they do without; the
+// channels-last strips prefetch their loads in both passes. Prefetches past the end of the data
+// never fault.
 constexpr int64_t kPrefetchBytes = 4096;
 inline void prefetch_ahead(const void* p) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
                                                    kPrefetchBytes), 0, 3);
+}
+inline void prefetch_write_ahead(void* p) {
+  __builtin_prefetch(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), 1,
+                     3);
 }
 
 // Loads and stores of scalar_t as vectors of its accumulation type: one vector per step for
@@ -180,6 +191,7 @@ inline void map1(const scalar_t* p, scalar_t* out, int64_t len, const F& f) {
   for (; i + IO::kStep <= len; i += IO::kStep) {
     IO::load(p + i, v);
     for (int part = 0; part < IO::kParts; ++part) v[part] = f(v[part], i + part * Vec::size());
+    prefetch_write_ahead(out + i);
     IO::store(out + i, v);
   }
   if (i < len) {
@@ -202,6 +214,7 @@ inline void map2(const scalar_t* p, const scalar_t* q, scalar_t* out, int64_t le
     for (int part = 0; part < IO::kParts; ++part) {
       v[part] = f(v[part], w[part], i + part * Vec::size());
     }
+    prefetch_write_ahead(out + i);
     IO::store(out + i, v);
   }
   if (i < len) {
@@ -324,6 +337,9 @@ struct ChannelStrip {
   // p[0, width) = v[0, kVecs) in scalar_t.
   static C10_ALWAYS_INLINE void store(scalar_t* p, int64_t width, const Vec* v) {
     if (width == kWidth) {
+      for (int64_t b = 0; b < kWidth * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+        prefetch_write_ahead(reinterpret_cast<char*>(p) + b);
+      }
       for (int s = 0; s < kSteps; ++s) IO::store(p + s * IO::kStep, v + s * IO::kParts);
       return;
     }
