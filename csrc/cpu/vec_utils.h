@@ -62,6 +62,7 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 // channels-last strips prefetch their loads in both passes. Prefetches past the end of the data
 // never fault.
 constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kCacheLineBytes = 64;
 inline void prefetch_ahead(const void* p) {
   __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
                                                    kPrefetchBytes), 0, 3);
@@ -310,13 +311,14 @@ struct ChannelStrip {
   static constexpr int kVecs = kStripVecs;
   static constexpr int kSteps = kStripVecs / IO::kParts;
   static constexpr int64_t kWidth = kStripVecs * Vec::size();  // channels
+  static constexpr int64_t kBytes = kWidth * static_cast<int64_t>(sizeof(scalar_t));
   static_assert(kSteps * IO::kParts == kVecs);
 
   // v[0, kVecs) = p[0, width) in the accumulation type, zeros past width. A full strip also
   // prefetches its lines kPrefetchBytes ahead.
   static C10_ALWAYS_INLINE void load(const scalar_t* p, int64_t width, Vec* v) {
     if (width == kWidth) {
-      for (int64_t b = 0; b < kWidth * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+      for (int64_t b = 0; b < kBytes; b += kCacheLineBytes) {
         prefetch_ahead(reinterpret_cast<const char*>(p) + b);
       }
       for (int s = 0; s < kSteps; ++s) IO::load(p + s * IO::kStep, v + s * IO::kParts);
@@ -337,7 +339,7 @@ struct ChannelStrip {
   // p[0, width) = v[0, kVecs) in scalar_t.
   static C10_ALWAYS_INLINE void store(scalar_t* p, int64_t width, const Vec* v) {
     if (width == kWidth) {
-      for (int64_t b = 0; b < kWidth * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+      for (int64_t b = 0; b < kBytes; b += kCacheLineBytes) {
         prefetch_write_ahead(reinterpret_cast<char*>(p) + b);
       }
       for (int s = 0; s < kSteps; ++s) IO::store(p + s * IO::kStep, v + s * IO::kParts);
