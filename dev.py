@@ -10,25 +10,72 @@ itself in editable mode with its C++ extension.
 ``tools/gpu_validate.py`` (tests on CUDA, benchmarks, profiles, one report folder); extra
 arguments go to it, e.g. ``python3 dev.py gpu --out /tmp/gpu``.
 """
+import collections
 import importlib.util
 import os
+import re
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 TEST_COMMAND = [sys.executable, "-m", "pytest", "tests", "bench", "-q", "-p", "no:cacheprovider"]
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input"]
+BUILD_LOG = os.path.join(ROOT, "build", "install.log")
 
 
 def pip(*args, env=None):
-    subprocess.check_call([sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                           "--no-input", *args], cwd=ROOT, env=env)
+    subprocess.check_call([*PIP_INSTALL, *args], cwd=ROOT, env=env)
 
 
 def install(env=None, requirements="requirements-dev.txt"):
     if importlib.util.find_spec("torch") is None:
-        pip("torch==2.13.0")
+        pip("-r", "requirements-torch.txt")
     pip("-r", requirements)
-    pip("--no-build-isolation", "-e", ".", env=env)
+    build(env)
+
+
+# ninja's line for each compile, printed when it finishes: "[3/8] c++ ... -c /path/src.cpp -o /path/obj.o".
+NINJA_COMPILE = re.compile(r"^\[(\d+)/(\d+)\] .* -c (\S+) -o (\S+)")
+
+
+def progress_line(line):
+    """What of pip -v's build output to show: setup.py's own lines and one line per compile."""
+    line = line.strip()
+    if line.startswith("fusednorm setup:"):
+        return line
+    compile_step = NINJA_COMPILE.match(line)
+    if compile_step:
+        done, total, source, obj = compile_step.groups()
+        copy = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(obj))))
+        copy = copy.upper() if copy in ("avx2", "avx512", "avx512_bf16") else "plain"
+        return f"  [{done}/{total}] compiled {os.path.relpath(source, ROOT)} ({copy} copy)"
+    return None
+
+
+def build(env=None):
+    """``pip install --no-build-isolation -e .``, showing the build's progress; the whole output
+    goes to build/install.log (pip alone shows nothing for minutes while it compiles)."""
+    os.makedirs(os.path.dirname(BUILD_LOG), exist_ok=True)
+    print("dev.py: building fusednorm (pip install --no-build-isolation -e .; full output in "
+          f"{os.path.relpath(BUILD_LOG, ROOT)})", flush=True)
+    started = time.monotonic()
+    tail = collections.deque(maxlen=80)
+    with open(BUILD_LOG, "w") as log, subprocess.Popen(
+            [*PIP_INSTALL, "-v", "--no-build-isolation", "-e", "."], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as pip_run:
+        for line in pip_run.stdout:
+            log.write(line)
+            tail.append(line)
+            shown = progress_line(line)
+            if shown:
+                minutes, seconds = divmod(int(time.monotonic() - started), 60)
+                print(f"  {minutes:2d}:{seconds:02d} {shown}", flush=True)
+    if pip_run.returncode != 0:
+        sys.stdout.write("".join(tail))
+        sys.exit(f"dev.py: the install failed (exit {pip_run.returncode}); the end of its output "
+                 f"is above, all of it in {os.path.relpath(BUILD_LOG, ROOT)}")
+    print(f"dev.py: fusednorm installed in {time.monotonic() - started:.0f} s", flush=True)
 
 
 def gpu(extra_args):

@@ -13,7 +13,8 @@ in alternating order, so that load on the machine hits both alike; reported as t
 min) of the repeats. The outputs are compared first: "max|diff|" is the largest difference of the
 converted model's output from the original's.
 
-Writes a table to stdout and diffusers-<device>[-quick]-<date>.csv/.json under bench/results/.
+Writes a table to stdout and diffusers-<device>[-quick]-<date>.csv/.json under bench/out/
+(ignored by git; ``--output-dir bench/results`` for a run to commit).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import datetime
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -162,8 +164,9 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
     parser.add_argument("--repeats", type=int,
                         help="timed calls of each model (default: 3 with --quick, else 15)")
-    parser.add_argument("--output-dir", type=Path, default=cases.RESULTS_DIR,
-                        help=f"where the CSV/JSON go (default: {cases.RESULTS_DIR})")
+    parser.add_argument("--output-dir", type=Path, default=cases.OUTPUT_DIR,
+                        help=f"where the CSV/JSON go (default: {cases.OUTPUT_DIR}, ignored by "
+                             f"git; {cases.RESULTS_DIR} for a run to commit)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,8 +178,18 @@ def parse_args(argv=None):
     return args
 
 
+def quiet_diffusers():
+    """diffusers' deprecation notices (~36 lines: warnings and its logger) stay out of the table;
+    this benchmark builds its models from configs on purpose."""
+    warnings.filterwarnings("ignore", module=r"diffusers(\.|$)")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()
+
+
 def main(argv=None):
     args = parse_args(argv)
+    quiet_diffusers()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")

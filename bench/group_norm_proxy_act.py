@@ -20,8 +20,8 @@ outside the timing, "fwd+bwd" both. Effective bandwidth is against the roofline 
 docs/pn-math.md (2T forward, 3T backward, 5T both; T = bytes of x), also as a fraction of the measured
 copy bandwidth. "saved/T" is the bytes of the unique storages the forward saves for backward / T.
 
-Writes a table to stdout and <device>[-quick]-<date>.csv/.json/.md/.png under bench/results/
-(the .md is the README table of the run).
+Writes a table to stdout and <device>[-quick]-<date>.csv/.json/.md/.png under bench/out/ (ignored
+by git; ``--output-dir bench/results`` for a run to commit; the .md is the README table of the run).
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ import torch  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ holds scripts, not a package
-from harness.cases import (DTYPES, LAYOUTS, MODES, RESULTS_DIR, ROOFLINE_FACTOR, SHAPE_SETS,
-    make_cases, make_inputs)  # noqa: E402
+from harness.cases import (DTYPES, LAYOUTS, MODES, OUTPUT_DIR, RESULTS_DIR, ROOFLINE_FACTOR,
+    SHAPE_SETS, make_cases, make_inputs)  # noqa: E402
 from harness.providers import PROVIDERS  # noqa: E402
 from harness.report import (Result, comma_list, cpu_model, device_slug, metadata, plot,
     readme_table, results_table, speedup_table, wins_report, write_csv)  # noqa: E402
@@ -206,8 +206,9 @@ def parse_args(argv=None):
     parser.add_argument("--glibc-malloc-defaults", action="store_true",
                         help="CPU: leave glibc's allocator as it is (per-call page faults for "
                              "large outputs in the timings) instead of keeping freed memory")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR,
-                        help=f"where the CSV/JSON/PNG go (default: {RESULTS_DIR})")
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT_DIR,
+                        help=f"where the CSV/JSON/MD/PNG go (default: {OUTPUT_DIR}, ignored by "
+                             f"git; {RESULTS_DIR} for a run to commit)")
     args = parser.parse_args(argv)
 
     if args.quick:

@@ -10,6 +10,7 @@ fusednorm-cpu is skipped, with the reason, when the C++ CPU kernel is not built.
 """
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,8 +78,14 @@ def forward_matches_its_op(provider_name, case, forward, inputs, params, grad_y)
         torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4)
 
 
-def test_results_go_to_the_repository_results_folder():
+def test_runs_write_to_an_ignored_folder_unless_asked():
     assert cases.RESULTS_DIR == Path(__file__).resolve().parent / "results"
+    assert cases.OUTPUT_DIR == Path(__file__).resolve().parent / "out"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(cases.OUTPUT_DIR / "x.json")],
+                             cwd=cases.REPO_ROOT, capture_output=True)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout: nothing to ignore the output folder")
+    assert ignored.returncode == 0, "bench/out/ is not ignored by git"
 
 
 def _result(provider, ms, shape="8x64x7x7", mode="fwd+bwd"):

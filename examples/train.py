@@ -218,7 +218,8 @@ def parse_args(argv=None):
                         help="runs in parallel, each in its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--out", default=None, help="path prefix of the .json/.csv/.png "
-                        "(default bench/results/small-batch-<dataset>-<date>)")
+                        "(default bench/out/small-batch-<dataset>-<date>, ignored by git; "
+                        "bench/results/... for a run to commit)")
     parser.add_argument("--verbose", action="store_true", help="print every epoch")
     return parser.parse_args(argv)
 
@@ -227,7 +228,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M")
-        args.out = os.path.join("bench", "results", f"small-batch-{args.dataset}-{stamp}")
+        args.out = os.path.join("bench", "out", f"small-batch-{args.dataset}-{stamp}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     data = load_dataset(args.dataset, args.train_size)
     print(f"{args.dataset}: {len(data[0][1])} train / {len(data[1][1])} validation images; "

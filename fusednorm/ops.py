@@ -22,6 +22,9 @@ step for both directions (each op computes them itself when it is None).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -38,12 +41,25 @@ except ImportError as error:  # triton is not installed
 else:
     TRITON_IMPORT_ERROR = None
 
-try:
-    from . import _C  # noqa: F401  (registers fusednorm::forward/backward through TORCH_LIBRARY)
-except ImportError as error:
-    EXTENSION_IMPORT_ERROR: Optional[ImportError] = error
-else:
-    EXTENSION_IMPORT_ERROR = None
+
+
+def _import_extension() -> Optional[ImportError]:
+    """Imports fusednorm._C (which registers fusednorm::forward/backward through TORCH_LIBRARY);
+    the error says why it is missing. A plain ``from . import _C`` without the library file
+    blames "a partially initialized module (most likely due to a circular import)"."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        return ImportError(
+            f"no compiled extension (_C*.so) in {os.path.dirname(__file__)}: this install built "
+            "none (torch was not importable at build time, or FUSEDNORM_NO_EXTENSION=1 was set)")
+    try:
+        importlib.import_module(f"{__package__}._C")
+    except ImportError as error:  # e.g. built against another torch: undefined symbols
+        return ImportError(f"fusednorm._C is there but does not load ({error}); rebuild it "
+                           "against the installed torch")
+    return None
+
+
+EXTENSION_IMPORT_ERROR: Optional[ImportError] = _import_extension()
 
 
 # ----------------------------------------------------------------------------------------------

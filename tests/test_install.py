@@ -92,42 +92,79 @@ def test_analysis_help_shows_every_flag_with_its_default():
     assert out.count("(default:") >= 11
 
 
+def _venv_seeing_this_torch(env_dir):
+    """A fresh venv (its bundled pip and setuptools) whose interpreter also finds this
+    interpreter's site-packages, after its own: torch and triton are not downloaded again.
+    Not ``--system-site-packages``: run from inside a venv, that exposes the *base* Python's
+    packages (no torch there), and pip then resolves a CUDA torch of its own."""
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    own = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    ours = [path for path in sys.path if path.endswith("site-packages") and os.path.isdir(path)]
+    (Path(own) / "parent_site_packages.pth").write_text("\n".join(ours) + "\n")
+    return str(python)
+
+
 def test_fresh_venv_with_newest_setuptools_gets_the_cpu_backend(tmp_path):
     """As a new user: a fresh venv (its bundled pip), `pip install -U setuptools`, then the
     README's `pip install --no-build-isolation -e .` of a copy of this checkout. torch and triton
-    come from this interpreter's site-packages (a venv with --system-site-packages), so nothing
+    come from this interpreter's site-packages (whether it runs in a venv or not), so nothing
     large is downloaded; setuptools is the newest the package index has."""
     if os.environ.get("FUSEDNORM_NO_EXTENSION", "") not in ("", "0"):
         pytest.skip("FUSEDNORM_NO_EXTENSION is set: no extension to build")
     checkout = tmp_path / "checkout"
     shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(
-        ".git", "build", "*.so", "*.egg-info", "__pycache__", ".pytest_cache", "bench"))
+        ".git", "build", "*.so", "*.egg-info", "__pycache__", ".pytest_cache", "bench", ".venv*"))
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
-    python = str(env_dir / "bin" / "python")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FUSEDNORM_")}
-    env["MAX_JOBS"] = str(os.cpu_count() or 2)
-    # The install path is under test, not the kernels: the plain copy only (setup.py), a third
-    # of the build time. .ci/run's own install builds every instruction-set copy.
-    env["FUSEDNORM_CPU_KERNEL_COPIES"] = "none"
+    try:
+        python = _venv_seeing_this_torch(env_dir)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("FUSEDNORM_") and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+        env["MAX_JOBS"] = str(os.cpu_count() or 2)
+        # The install path is under test, not the kernels: the plain copy only (setup.py), a
+        # third of the build time. .ci/run's own install builds every instruction-set copy.
+        env["FUSEDNORM_CPU_KERNEL_COPIES"] = "none"
 
-    def run(*args, cwd=checkout):
-        done = subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=1500)
-        assert done.returncode == 0, f"{args}:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
-        return done.stdout
+        def run(*args, cwd=checkout):
+            done = subprocess.run([python, *args], cwd=cwd, env=env, capture_output=True,
+                                  text=True, timeout=1500)
+            assert done.returncode == 0, f"{args}:\n{done.stdout[-5000:]}\n{done.stderr[-5000:]}"
+            return done.stdout
 
-    run("-m", "pip", "install", "-q", "--upgrade", "setuptools")
-    run("-m", "pip", "install", "-q", "--no-build-isolation", "-e", ".")
-    out = run("-c", "import fusednorm, sys; from fusednorm import ops; "
-                    "print(fusednorm.__file__); print(ops.extension_has_kernel('cpu')); "
-                    "print(fusednorm._C.cpu_capability()); "
-                    "import setuptools; print(setuptools.__version__)", cwd=tmp_path)
-    path, has_cpu, kernel_copy, setuptools_version = out.split()
-    assert Path(path).resolve().is_relative_to(checkout.resolve()), path
-    assert has_cpu == "True", out
-    assert kernel_copy == "DEFAULT", out
-    assert int(setuptools_version.split(".")[0]) >= 64
+        run("-m", "pip", "install", "-q", "--upgrade", "setuptools")
+        run("-m", "pip", "install", "-q", "--no-build-isolation", "-e", ".")
+        out = run("-c", "import fusednorm, sys, torch; from fusednorm import ops; "
+                        "print(fusednorm.__file__); print(ops.extension_has_kernel('cpu')); "
+                        "print(fusednorm._C.cpu_capability()); print(torch.__file__); "
+                        "import setuptools; print(setuptools.__version__)", cwd=tmp_path)
+        path, has_cpu, kernel_copy, torch_path, setuptools_version = out.split()
+        assert Path(path).resolve().is_relative_to(checkout.resolve()), path
+        assert has_cpu == "True", out
+        assert kernel_copy == "DEFAULT", out
+        assert Path(torch_path) == Path(torch.__file__), "the venv installed a torch of its own"
+        assert int(setuptools_version.split(".")[0]) >= 64
+    finally:
+        shutil.rmtree(env_dir, ignore_errors=True)
+        shutil.rmtree(checkout, ignore_errors=True)
+
+
+def test_install_without_torch_stops_at_once_saying_how_to_get_it(tmp_path):
+    """No torch: setup.py stops before pip resolves anything, with the command that installs
+    torch (the CPU build too) and the one that builds fusednorm afterwards."""
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)  # its bundled pip and setuptools, no torch
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("FUSEDNORM_") and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    done = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install",
+                           "--no-build-isolation", "--no-deps", "-e", str(ROOT)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    output = done.stdout + done.stderr
+    assert "torch is not importable" in output, output
+    assert "--index-url https://download.pytorch.org/whl/cpu" in output, output
+    assert "pip install --no-build-isolation -e ." in output, output
+    assert "Successfully installed" not in output, output
 
 
 def test_setup_names_an_unknown_cpu_kernel_copy():
@@ -136,3 +173,18 @@ def test_setup_names_an_unknown_cpu_kernel_copy():
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "FUSEDNORM_CPU_KERNEL_COPIES='avx2,AVX9': unknown AVX9" in done.stderr, done.stderr
+
+
+def test_info_names_why_the_extension_is_missing(tmp_path):
+    """`python -m fusednorm` in a package without the compiled library says that no library was
+    built (Python alone would blame "a circular import")."""
+    shutil.copytree(ROOT / "fusednorm", tmp_path / "fusednorm",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    # -S: no .pth files, so no editable install's finder serves this checkout's fusednorm._C.
+    site_packages = [path for path in sys.path if path.endswith("site-packages")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *site_packages]))
+    done = subprocess.run([sys.executable, "-S", "-m", "fusednorm"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "not built (no compiled extension (_C*.so) in" in done.stdout, done.stdout
+    assert "circular import" not in done.stdout + done.stderr

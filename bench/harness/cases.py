@@ -11,7 +11,10 @@ import torch
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # bench/harness/cases.py -> the repository
+# Committed runs, the ones the docs quote; a run writes there only when asked (--output-dir).
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+# Where runs write by default: ignored by git.
+OUTPUT_DIR = REPO_ROOT / "bench" / "out"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
