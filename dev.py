@@ -59,6 +59,8 @@ def build(env=None):
     os.makedirs(os.path.dirname(BUILD_LOG), exist_ok=True)
     print("dev.py: building fusednorm (pip install --no-build-isolation -e .; full output in "
           f"{os.path.relpath(BUILD_LOG, ROOT)})", flush=True)
+    env = dict(env or os.environ)
+    env.setdefault("MAX_JOBS", str(os.cpu_count() or 2))  # else ninja runs cores + 2 per copy
     started = time.monotonic()
     tail = collections.deque(maxlen=80)
     with open(BUILD_LOG, "w") as log, subprocess.Popen(

@@ -248,7 +248,7 @@ def _build_ext_class(cpp_extension):
 
         def build_extension(self, ext):
             copies = getattr(ext, "cpu_capabilities", {})
-            jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+            jobs = os.environ.get("MAX_JOBS") or "ninja's default number of"
             _progress(f"building fusednorm._C: {len(ext.sources)} shared sources and the plain "
                       f"copy of the CPU kernels, and {len(PER_CAPABILITY_SOURCES)} sources for "
                       f"each other copy ({', '.join(copies) or 'none'}), side by side, {jobs} "

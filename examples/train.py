@@ -183,12 +183,25 @@ def plot(summary, norms, batch_sizes, title, path):
     plt.close(fig)
 
 
-def write_results(prefix, args, runs, finished):
+def cpu_model():
+    """The CPU's model name (Linux), else the platform's processor field."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_results(prefix, args, runs, finished, wall_seconds):
     summary = summarize(runs)
-    record = dict(settings=vars(args), finished=finished, machine=dict(
-        processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-        torch=torch.__version__, python=platform.python_version()),
-        summary=summary, runs=runs)
+    record = dict(settings=vars(args), finished=finished, wall_seconds=round(wall_seconds, 1),
+                  machine=dict(processor=platform.processor() or platform.machine(),
+                               cpu_model=cpu_model(), cpu_count=os.cpu_count(),
+                               torch=torch.__version__, python=platform.python_version()),
+                  summary=summary, runs=runs)
     with open(prefix + ".json", "w") as f:
         json.dump(record, f, indent=1)
     with open(prefix + ".csv", "w", newline="") as f:
@@ -236,6 +249,7 @@ def main(argv=None):
           f"batch {BASE_BATCH} (linear scaling); {args.jobs} job(s) on {args.device}", flush=True)
     jobs = [(norm, batch, seed) for seed in args.seeds for batch in args.batch_sizes
             for norm in args.norms]
+    started = time.perf_counter()
     runs = []
     if args.jobs == 1:
         if args.device == "cpu":
@@ -254,7 +268,8 @@ def main(argv=None):
             print(f"{run['norm']:>6} batch {run['batch_size']:>3} seed {run['seed']}: val "
                   f"{run['val_acc']:.4f} train {run['train_acc']:.4f} "
                   f"({run['seconds']:.0f} s)", flush=True)
-            write_results(args.out, args, runs, finished=len(runs) == len(jobs))
+            write_results(args.out, args, runs, finished=len(runs) == len(jobs),
+                          wall_seconds=time.perf_counter() - started)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -264,7 +279,9 @@ def main(argv=None):
     plot(summary, args.norms, args.batch_sizes, title, args.out + ".png")
     print("\nvalidation accuracy (%), mean ± std over seeds " + str(args.seeds))
     print(markdown_table(summary, args.norms, args.batch_sizes))
-    print(f"\nwrote {args.out}.json, .csv, .png")
+    minutes, seconds = divmod(round(time.perf_counter() - started), 60)
+    print(f"\n{len(runs)} runs in {minutes} min {seconds} s on {cpu_model()}; "
+          f"wrote {args.out}.json, .csv, .png")
     return summary
 
 

@@ -135,6 +135,11 @@ SUBPROCESS_CHECK = textwrap.dedent("""
             # ReLU-like with PN: channels-last derives sum g * act(z) from two other sums.
             check_against_reference("cpu", (2, 20, 9, 7), 5, activation=("leaky_relu", 0.1),
                                     dtype=dtype, channels_last=channels_last)
+    # Rows ending in partial vectors of many lengths, odd and even: the 16-bit partial loads and
+    # stores (on AVX2 masked 32-bit pairs and an odd last value), up to the tensor's last byte.
+    for length in (1, 2, 3, 8, 9, 15, 17, 49):
+        for dtype in (torch.bfloat16, torch.float16):
+            check_against_reference("cpu", (2, 4, length), 2, activation="silu", dtype=dtype)
 """)
 
 

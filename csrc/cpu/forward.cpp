@@ -82,6 +82,17 @@ Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
   return sums_about(p, len, shift + lane_sum(sum) / static_cast<acc_t>(len), shift).first;
 }
 
+// Chan's merge of state_at(begin) .. state_at(end - 1) as a balanced tree, left to right: the
+// rounding error grows with log2 of the count, where a running merge's grows with the count
+// (an 18.9M-element group is 4608 chunks: fp32 outputs 1e-5 off against PyTorch's 2e-7).
+template <typename State, typename StateAt>
+State merge_tree(int64_t begin, int64_t end, const StateAt& state_at) {
+  if (end - begin <= 1) return end > begin ? state_at(begin) : State{};
+  const int64_t middle = begin + (end - begin) / 2;
+  const State left = merge_tree<State>(begin, middle, state_at);
+  return welford_merge(left, merge_tree<State>(middle, end, state_at));
+}
+
 template <typename scalar_t>
 inline acc_type<scalar_t> to_acc(scalar_t v) {
   return static_cast<acc_type<scalar_t>>(v);
@@ -154,8 +165,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
     parallel_phase("fusednorm_cpu::forward_stats_and_apply", 0, NG, 1,
                    [&](int64_t begin, int64_t end) {
       for (int64_t ng = begin; ng < end; ++ng) {
-        Welford<acc_t> state{0, 0, 0};
-        for (int64_t k = 0; k < chunks; ++k) state = welford_merge(state, stats_of_chunk(ng, k));
+        const auto state = merge_tree<Welford<acc_t>>(
+            0, chunks, [&](int64_t k) { return stats_of_chunk(ng, k); });
         finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
         const int64_t n = ng / ctx.G, g = ng % ctx.G;
         for (int64_t c = g * ctx.CPG; c < (g + 1) * ctx.CPG; ++c) apply_row<ACT>(ctx, ng, n, c);
@@ -169,8 +180,8 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
     for (int64_t i = begin; i < end; ++i) states[i] = stats_of_chunk(i / chunks, i % chunks);
   });
   for (int64_t ng = 0; ng < NG; ++ng) {
-    Welford<acc_t> state{0, 0, 0};
-    for (int64_t k = 0; k < chunks; ++k) state = welford_merge(state, states[ng * chunks + k]);
+    const auto state = merge_tree<Welford<acc_t>>(
+        0, chunks, [&](int64_t k) { return states[ng * chunks + k]; });
     finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
   }
   const int64_t grain = std::max<int64_t>(1, kChunk / ctx.S);
