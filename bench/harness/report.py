@@ -136,8 +136,10 @@ def readme_table(results: list[Result], meta: dict, mode: str = "fwd+bwd") -> st
     cases = {}
     for r in rows:
         cases.setdefault((r.shape, r.op, r.dtype, r.layout), {})[r.provider] = r
+    # Runs before the instruction sets were recorded have no "cpu_kernels".
+    kernels = f", {meta['cpu_kernels']}" if meta.get("cpu_kernels") else ""
     lines = [f"{mode} ms, median of {meta['settings']['repeats']} interleaved repeats, on "
-             f"{meta['device_name']} ({meta['torch_threads']} threads), torch "
+             f"{meta['device_name']} ({meta['torch_threads']} threads{kernels}), torch "
              f"{meta['torch_version']}; fused cells: ms (GB/s against the roofline bytes, % of a "
              f"copy of x timed in the same rounds)",
              "",
@@ -186,6 +188,17 @@ def device_slug(device) -> str:
     return f"cpu-{os.cpu_count()}c"
 
 
+def cpu_kernels() -> str:
+    """The instruction sets the CPU kernels run with: ATen's (ATEN_CPU_CAPABILITY can lower it)
+    and the copy of fusednorm's C++ kernels."""
+    aten = torch.backends.cpu.get_cpu_capability()
+    try:
+        from fusednorm import _C
+        return f"ATen {aten}, fusednorm {_C.cpu_capability()} kernels"
+    except ImportError:
+        return f"ATen {aten}"
+
+
 def metadata(args, device, copy_gbps, skipped, load_at_start, cpu_allocator) -> dict:
     try:
         import triton
@@ -197,6 +210,7 @@ def metadata(args, device, copy_gbps, skipped, load_at_start, cpu_allocator) -> 
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "cpu_kernels": cpu_kernels(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
