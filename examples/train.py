@@ -15,7 +15,7 @@ The learning rate follows the linear scaling rule (Goyal et al., 2017): ``--lr``
 ``lr * batch / 64`` at other sizes, with a one-cycle schedule over the same number of epochs.
 Runs go to ``--jobs`` worker processes of one thread each (one per core suits small batches).
 
-    python examples/train.py                                   # the README's table (CPU, ~1 h)
+    python examples/train.py                                   # the README's table (CPU, ~45 min)
     python examples/train.py --dataset digits --batch-sizes 64 --seeds 0 --epochs 15
     python examples/train.py --device cuda --jobs 1 --epochs 30 --width 32   # longer, on a GPU
 """
