@@ -239,7 +239,10 @@ inline void map1(const scalar_t* p, scalar_t* out, int64_t len, const F& f) {
   }
   if (i < len) {
     IO::load(p + i, len - i, v);
-    for (int part = 0; part < IO::kParts; ++part) v[part] = f(v[part], i + part * Vec::size());
+    // Parts past the data are not computed (a 7x7 row ends in 1 value: half the tail's work).
+    for (int part = 0; part < IO::kParts && part * Vec::size() < len - i; ++part) {
+      v[part] = f(v[part], i + part * Vec::size());
+    }
     IO::store(out + i, len - i, v);
   }
 }
@@ -263,7 +266,7 @@ inline void map2(const scalar_t* p, const scalar_t* q, scalar_t* out, int64_t le
   if (i < len) {
     IO::load(p + i, len - i, v);
     IO::load(q + i, len - i, w);
-    for (int part = 0; part < IO::kParts; ++part) {
+    for (int part = 0; part < IO::kParts && part * Vec::size() < len - i; ++part) {
       v[part] = f(v[part], w[part], i + part * Vec::size());
     }
     IO::store(out + i, len - i, v);
