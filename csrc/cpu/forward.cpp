@@ -340,10 +340,9 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   };
   auto finish_sample = [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
-      Welford<acc_t> state{0, 0, 0};
-      for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
-        state = welford_merge(state, states[(n * tiling.tasks_per_n + t) * G + g]);
-      }
+      const auto state = merge_tree<Welford<acc_t>>(0, tiling.tasks_per_n, [&](int64_t t) {
+        return states[(n * tiling.tasks_per_n + t) * G + g];
+      });
       finish_stats(state, shift_of(n, g), ctx.eps, ctx.mean + n * G + g, ctx.rstd + n * G + g);
     }
   };
