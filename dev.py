@@ -35,7 +35,8 @@ def install(env=None, requirements="requirements-dev.txt"):
     build(env)
 
 
-# ninja's line for each compile, printed when it finishes: "[3/8] c++ ... -c /path/src.cpp -o /path/obj.o".
+# ninja's line for each compile, printed when it finishes:
+# "[3/8] c++ ... -c /path/src.cpp -o /path/obj.o".
 NINJA_COMPILE = re.compile(r"^\[(\d+)/(\d+)\] .* -c (\S+) -o (\S+)")
 
 

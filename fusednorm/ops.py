@@ -42,7 +42,6 @@ else:
     TRITON_IMPORT_ERROR = None
 
 
-
 def _import_extension() -> Optional[ImportError]:
     """Imports fusednorm._C (which registers fusednorm::forward/backward through TORCH_LIBRARY);
     the error says why it is missing. A plain ``from . import _C`` without the library file
