@@ -324,19 +324,21 @@ class _Converter:
             channels, groups, proxy = norm.num_channels, norm.num_groups, self.group_norm_proxy
         tensors = [t for t in (norm.weight, getattr(norm, "running_mean", None)) if t is not None]
         factory = dict(device=tensors[0].device, dtype=tensors[0].dtype) if tensors else {}
+        # nn.GroupNorm(..., bias=False) has a weight and no bias; PN's modules keep a zero bias.
+        has_bias = norm.affine and norm.bias is not None
         if act is None:
-            new = nn.GroupNorm(groups, channels, norm.eps, norm.affine, **factory)
+            new = nn.GroupNorm(groups, channels, norm.eps, norm.affine, bias=has_bias, **factory)
         elif proxy:
             new = GroupNormProxyAct(groups, channels, self.activation or act, norm.eps, **factory)
         else:
             new = GroupNormAct(groups, channels, self.activation or act, norm.eps, norm.affine,
-                               **factory)
-        if norm.affine and new.weight is not None:
-            with torch.no_grad():
-                new.weight.copy_(norm.weight)
-                new.bias.copy_(norm.bias)
-            new.weight.requires_grad_(norm.weight.requires_grad)
-            new.bias.requires_grad_(norm.bias.requires_grad)
+                               bias=has_bias, **factory)
+        for param in ("weight", "bias") if norm.affine else ():
+            source, target = getattr(norm, param), getattr(new, param)
+            if source is not None and target is not None:
+                with torch.no_grad():
+                    target.copy_(source)
+                target.requires_grad_(source.requires_grad)
         new.train(norm.training)
         self.report.replaced.append(Replacement(name, repr(norm), repr(new), groups, absorbed))
         return new

@@ -51,22 +51,27 @@ class GroupNormProxyAct(nn.Module):
 
 
 class GroupNormAct(nn.Module):
-    """``act(GroupNorm(x))`` fused (Proxy Normalization off), e.g. GroupNorm + SiLU."""
+    """``act(GroupNorm(x))`` fused (Proxy Normalization off), e.g. GroupNorm + SiLU.
+
+    ``affine`` and ``bias`` mean what they mean for nn.GroupNorm, whose state_dict this module
+    loads (with ``activation="identity"`` it computes nn.GroupNorm)."""
 
     def __init__(self, num_groups, num_channels, activation="relu", eps=1e-5, affine=True,
-                 backend=None, device=None, dtype=None):
+                 backend=None, device=None, dtype=None, *, bias=True):
         super().__init__()
         if num_channels % num_groups != 0:
             raise ValueError(f"num_channels={num_channels} is not divisible by num_groups={num_groups}")
         parse_activation(activation)
         self.num_groups, self.num_channels = num_groups, num_channels
         self.activation, self.eps, self.backend = activation, eps, backend
+        factory = dict(device=device, dtype=dtype)
         if affine:
-            factory = dict(device=device, dtype=dtype)
             self.weight = nn.Parameter(torch.ones(num_channels, **factory))
-            self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
         else:
             self.register_parameter("weight", None)
+        if affine and bias:
+            self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
+        else:
             self.register_parameter("bias", None)
 
     def forward(self, input):
@@ -77,7 +82,8 @@ class GroupNormAct(nn.Module):
 
     def extra_repr(self):
         return (f"{self.num_groups}, {self.num_channels}, activation={self.activation!r}, "
-                f"eps={self.eps}, affine={self.weight is not None}")
+                f"eps={self.eps}, affine={self.weight is not None}"
+                + ("" if self.weight is None or self.bias is not None else ", bias=False"))
 
 
 def _check_channels(module, input):

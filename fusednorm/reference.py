@@ -6,6 +6,8 @@ it the math runs in the input's dtype, which is what an eager user of that dtype
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .checks import check_args
@@ -46,10 +48,23 @@ def _norm_affine_act(input, num_groups, weight, bias, act, slope, eps, upcast):
         dtype = torch.float32
         x = input.float()
     n, c = x.shape[:2]
-    grouped = x.reshape(n, num_groups, x.numel() // max(n * num_groups, 1))  # -1 fails at N=0
-    mean = grouped.mean(dim=-1, keepdim=True)
-    var = (grouped - mean).square().mean(dim=-1, keepdim=True)
-    xhat = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    spatial = math.prod(x.shape[2:])
+    channels_last = _is_channels_last(x)
+    if channels_last:
+        # Group the (N, *spatial, C) rows as they lie in memory, so that the output and, through
+        # autograd, dx come back channels-last like every fused backend's (the documented contract).
+        grouped = x.movedim(1, -1).reshape(n, spatial, num_groups, c // num_groups)
+        dims = (1, 3)
+    else:
+        grouped = x.reshape(n, num_groups, (c // num_groups) * spatial)
+        dims = (2,)
+    mean = grouped.mean(dim=dims, keepdim=True)
+    var = (grouped - mean).square().mean(dim=dims, keepdim=True)
+    xhat = (grouped - mean) * torch.rsqrt(var + eps)
+    if channels_last:
+        xhat = xhat.reshape(x.movedim(1, -1).shape).movedim(-1, 1)
+    else:
+        xhat = xhat.reshape(x.shape)
     pdtype = dtype or torch.promote_types(x.dtype, _param_dtype(weight, bias, x.dtype))
     weight = torch.ones(c, dtype=pdtype, device=x.device) if weight is None else weight.to(pdtype)
     bias = torch.zeros(c, dtype=pdtype, device=x.device) if bias is None else bias.to(pdtype)
@@ -63,3 +78,9 @@ def _param_dtype(weight, bias, default):
         if p is not None:
             return p.dtype
     return default
+
+
+def _is_channels_last(x):
+    """(N, C, *spatial) stored as (N, *spatial, C), and not also contiguous (C = 1 or no spatial
+    extent: both layouts are the same there)."""
+    return x.dim() > 2 and not x.is_contiguous() and x.movedim(1, -1).is_contiguous()

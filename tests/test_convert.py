@@ -259,19 +259,21 @@ def test_fusednorm_modules_are_fx_leaves_and_shared_bn_is_not_fused():
 # GroupNorm + activation -> GroupNormAct: the same function, fused.
 
 class GroupNormNet(nn.Module):
-    """A GN model: GN+SiLU modules, GN+F.gelu, a GN followed by a conv, and a GN without affine."""
+    """A GN model: GN+SiLU modules, GN (weight, no bias)+F.gelu, a GN followed by a conv, and a GN
+    without affine."""
 
     def __init__(self):
         super().__init__()
         self.conv1, self.norm1, self.act = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(3, 12), nn.SiLU()
-        self.conv2, self.norm2 = nn.Conv2d(12, 12, 1), nn.GroupNorm(4, 12, eps=1e-6)
+        self.conv2, self.norm2 = nn.Conv2d(12, 12, 1), nn.GroupNorm(4, 12, eps=1e-6, bias=False)
         self.norm3 = nn.GroupNorm(2, 12, affine=False)
         self.conv3, self.norm4 = nn.Conv2d(12, 6, 1), nn.GroupNorm(6, 6)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for norm in (self.norm1, self.norm2, self.norm4):
                 norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
-                norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=gen))
+                if norm.bias is not None:
+                    norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=gen))
 
     def forward(self, x):
         x = self.act(self.norm1(self.conv1(x)))
@@ -289,6 +291,7 @@ def test_group_norm_followed_by_activation_becomes_group_norm_act():
     assert fused == {"norm1": ("GroupNormAct", 3, "act"), "norm2": ("GroupNormAct", 4, "gelu"),
                      "norm3": ("GroupNormAct", 2, "relu")}
     assert converted.norm2.eps == 1e-6 and converted.norm3.weight is None
+    assert converted.norm2.weight is not None and converted.norm2.bias is None
     assert [(e.name, e.reason) for e in report.left] == [
         ("norm4", "GroupNorm followed by the model output")]
     assert type(converted.norm4) is nn.GroupNorm

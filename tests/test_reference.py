@@ -126,3 +126,23 @@ def test_upcast_computes_in_fp32():
     plain = reference.group_norm_proxy_act(x, 4, **params)
     assert upcast.dtype == plain.dtype == torch.float16
     assert (upcast.double() - exact).abs().max() <= (plain.double() - exact).abs().max()
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (2, 6, 3, 4, 5)], ids=["2d", "3d"])
+@pytest.mark.parametrize("proxy", [True, False], ids=["pn", "no_pn"])
+def test_channels_last_in_channels_last_out(shape, proxy):
+    """The documented contract holds for the reference too (it is what backend "auto" runs
+    without the extension): output and dx keep a channels-last input's strides, same values."""
+    fn = reference.group_norm_proxy_act if proxy else reference.group_norm_act
+    x, params = make_inputs(shape, channels_last=True, proxy_params=proxy)
+    assert not x.is_contiguous()
+    grad_out = torch.randn(shape, dtype=torch.float64).movedim(1, -1).contiguous().movedim(-1, 1)
+    out, grads = run_forward_backward(lambda x, **p: fn(x, 3, **p), x, params, grad_out)
+    assert out.stride() == x.stride() and grads["x"].stride() == x.stride()
+    x_contiguous = x.detach().contiguous().requires_grad_()
+    expected, expected_grads = run_forward_backward(lambda x, **p: fn(x, 3, **p), x_contiguous,
+                                                    params, grad_out.contiguous())
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for name in grads:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-12,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
