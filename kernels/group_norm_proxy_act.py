@@ -16,8 +16,8 @@ resident / looped (one program per (n, g) group):
   resident keeps the group in registers (x read once: 2T forward, 3T backward); looped walks
   it twice, the second time from L2.
 split (few, large groups: N*G below the SM count):
-  forward   ``_proxy_stats_kernel`` (m_c, s_c), ``_group_stats_kernel`` (Welford partials per
-            (n, g) and split, merged tile by tile with Chan's formula),
+  forward   ``_proxy_stats_kernel`` (m_c, s_c), ``_group_stats_kernel`` (moments per (n, g)
+            and split: count, sum of x - shift, M2, merged tile by tile with Chan's formula),
             ``_group_stats_combine_kernel`` (fixed-order merge), ``_forward_apply_kernel``.
   backward  ``_proxy_stats_kernel``, ``_backward_partials_kernel`` (per (n, c) and split),
             ``_backward_group_sums_kernel`` (SA, SB), ``_backward_dx_kernel``,
@@ -119,23 +119,41 @@ def _channel_params(weight_ptr, bias_ptr, proxy_bias_ptr, proxy_weight_ptr, samp
 
 
 @triton.jit
-def _welford_merge(count, mean, m2, other_count, other_mean, other_m2):
-    """Chan's merge of two Welford states (count, mean, M2): exact for any split of the data and
-    stable for offset data (mean 1e4, std 1), unlike E[x^2] - E[x]^2. An empty state is a no-op."""
-    new_count = count + other_count
-    ratio = other_count / tl.maximum(new_count, 1.0)
-    delta = other_mean - mean
-    return new_count, mean + delta * ratio, m2 + other_m2 + delta * delta * count * ratio
+def _add_compensated(total, error, value):
+    """total + value, with the add's rounding error accumulated in ``error`` (Neumaier's variant
+    of Kahan's sum): a running sum of thousands of tiles' sums errs like a few adds, where a plain
+    one erred with the tile count (a 75M-element group: rstd 8e-6 off, against 3e-8)."""
+    new_total = total + value
+    lost = tl.where(tl.abs(total) >= tl.abs(value), (total - new_total) + value,
+                    (value - new_total) + total)
+    return new_total, error + lost
 
 
 @triton.jit
-def _chan_merge(count, mean, m2, x, mask):
-    """Merge the Welford state (count, mean, M2) with the state of a tile x (valid where mask),
-    computed by an in-register two-pass."""
-    tile_count = tl.sum(mask.to(mean.dtype))
-    tile_mean = tl.sum(x) / tl.maximum(tile_count, 1.0)
-    d = tl.where(mask, x - tile_mean, 0.0)
-    return _welford_merge(count, mean, m2, tile_count, tile_mean, tl.sum(d * d))
+def _tile_moments(x, mask):
+    """(count, sum, mean, M2) of a tile of x (zero where not mask), M2 by an in-register
+    two-pass."""
+    count = tl.sum(mask.to(tl.int32))
+    total = tl.sum(x)
+    mean = total / tl.maximum(count, 1).to(x.dtype)
+    d = tl.where(mask, x - mean, 0.0)
+    return count, total, mean, tl.sum(d * d)
+
+
+@triton.jit
+def _merge_moments(count, mean, m2, m2_error, part_count, part_mean, part_m2):
+    """Chan's merge of a part's moments (count, mean, M2) into running ones:
+    exact for any split of the data; an empty part is a no-op. The data are x - shift, shift
+    near the group's mean (the first tile's mean, or the first element and the sum kept apart):
+    the running mean stays small and loses no digits to the group's offset. Integer counts (exact
+    past 2**24); M2 compensated, a sum of thousands of tiles' terms."""
+    new_count = count + part_count
+    inv_new_count = 1.0 / tl.maximum(new_count, 1).to(mean.dtype)
+    delta = part_mean - mean
+    m2, m2_error = _add_compensated(
+        m2, m2_error, part_m2 + delta * delta * (count.to(mean.dtype) * part_count.to(mean.dtype))
+        * inv_new_count)
+    return new_count, mean + delta * part_count.to(mean.dtype) * inv_new_count, m2, m2_error
 
 
 @triton.jit
@@ -270,8 +288,9 @@ def _proxy_stats_kernel(
 def _group_stats_kernel(
     x_ptr,             # input, (N, C, S) through strides
     count_ptr,         # out (N*G, SPLIT) partial element counts, ACC_DTYPE   (unused if FINALIZE)
-    mean_ptr,          # out (N*G, SPLIT) partial means, or (N*G,) group means if FINALIZE
+    mean_ptr,          # out (N*G, SPLIT) sums of x - shift, or (N*G,) group means if FINALIZE
     m2_ptr,            # out (N*G, SPLIT) partial sums of squared deviations, or (N*G,) rstd
+    shift_ptr,         # out (N*G, SPLIT) the group's first element (unused if FINALIZE)
     G,                 # groups
     CPG,               # channels per group, C // G
     S,                 # spatial size, product of the spatial dims
@@ -288,9 +307,13 @@ def _group_stats_kernel(
     ng, n, g = _group_of_program(G, INDEX_64)
     split = tl.program_id(1)
     base = x_ptr + n * stride_n + g * CPG * stride_c
-    count = tl.zeros([], ACC_DTYPE)
+    shift = tl.load(base).to(ACC_DTYPE)  # the group's first element, the same in every split
+    count = tl.zeros([], tl.int64)
     mean = tl.zeros([], ACC_DTYPE)
     m2 = tl.zeros([], ACC_DTYPE)
+    m2_error = tl.zeros([], ACC_DTYPE)
+    total = tl.zeros([], ACC_DTYPE)  # compensated: the combine's mean comes from the sums
+    total_error = tl.zeros([], ACC_DTYPE)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, num_tiles)
     for tile in range(first, last):
@@ -299,20 +322,30 @@ def _group_stats_kernel(
         mask = (offs_c < CPG)[:, None] & (offs_s < S)[None, :]
         x = tl.load(base + offs_c[:, None] * stride_c + offs_s[None, :] * stride_s,
                     mask=mask, other=0.0).to(ACC_DTYPE)
-        count, mean, m2 = _chan_merge(count, mean, m2, x, mask)
+        tile_count, tile_total, tile_mean, tile_m2 = _tile_moments(
+            tl.where(mask, x - shift, 0.0), mask)
+        count, mean, m2, m2_error = _merge_moments(count, mean, m2, m2_error, tile_count,
+                                                   tile_mean, tile_m2)
+        total, total_error = _add_compensated(total, total_error, tile_total)
+    total += total_error
+    m2 += m2_error
     if FINALIZE:
-        tl.store(mean_ptr + ng, mean)
-        tl.store(m2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + tl.full([], eps, ACC_DTYPE)))
+        tl.store(mean_ptr + ng, shift + total / count.to(ACC_DTYPE))
+        tl.store(m2_ptr + ng, 1.0 / tl.sqrt(tl.maximum(m2 / count.to(ACC_DTYPE), 0.0)
+                                            + tl.full([], eps, ACC_DTYPE)))
     else:
+        # A split's count is exact in ACC_DTYPE: the plan keeps splits under 2**24 elements.
         num_splits = tl.num_programs(1)
-        tl.store(count_ptr + ng * num_splits + split, count)
-        tl.store(mean_ptr + ng * num_splits + split, mean)
+        tl.store(count_ptr + ng * num_splits + split, count.to(ACC_DTYPE))
+        tl.store(mean_ptr + ng * num_splits + split, total)
         tl.store(m2_ptr + ng * num_splits + split, m2)
+        tl.store(shift_ptr + ng * num_splits + split, shift)
 
 
 @triton.jit(do_not_specialize=["NG", "SPLIT"])
 def _group_stats_combine_kernel(
-    count_ptr, mean_ptr, m2_ptr,   # (NG, SPLIT) partial Welford states, ACC_DTYPE
+    count_ptr, total_ptr, m2_ptr,  # (NG, SPLIT) partial states: count, sum of x - shift, M2
+    shift_ptr,                     # (NG, SPLIT) the group's shift (the same in every split)
     group_mean_ptr,                # out (NG,) mean, ACC_DTYPE
     group_rstd_ptr,                # out (NG,) 1/sqrt(var + eps), ACC_DTYPE
     NG,                # groups in all, N * G
@@ -324,16 +357,25 @@ def _group_stats_combine_kernel(
     eps = tl.full([], eps, ACC_DTYPE)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < NG
-    count = tl.zeros([BLOCK], ACC_DTYPE)
+    count = tl.zeros([BLOCK], tl.int64)
     mean = tl.zeros([BLOCK], ACC_DTYPE)
     m2 = tl.zeros([BLOCK], ACC_DTYPE)
+    m2_error = tl.zeros([BLOCK], ACC_DTYPE)
+    total = tl.zeros([BLOCK], ACC_DTYPE)
+    total_error = tl.zeros([BLOCK], ACC_DTYPE)
     for split in range(0, SPLIT):  # fixed order: deterministic
         part_count = tl.load(count_ptr + offs * SPLIT + split, mask=mask, other=0.0)
-        part_mean = tl.load(mean_ptr + offs * SPLIT + split, mask=mask, other=0.0)
+        part_total = tl.load(total_ptr + offs * SPLIT + split, mask=mask, other=0.0)
         part_m2 = tl.load(m2_ptr + offs * SPLIT + split, mask=mask, other=0.0)
-        count, mean, m2 = _welford_merge(count, mean, m2, part_count, part_mean, part_m2)
-    tl.store(group_mean_ptr + offs, mean, mask=mask)
-    tl.store(group_rstd_ptr + offs, 1.0 / tl.sqrt(tl.maximum(m2 / count, 0.0) + eps), mask=mask)
+        count, mean, m2, m2_error = _merge_moments(
+            count, mean, m2, m2_error, part_count.to(tl.int64),
+            part_total / tl.maximum(part_count, 1.0), part_m2)
+        total, total_error = _add_compensated(total, total_error, part_total)
+    shift = tl.load(shift_ptr + offs * SPLIT, mask=mask, other=0.0)
+    inv_count = 1.0 / tl.maximum(count, 1).to(ACC_DTYPE)
+    tl.store(group_mean_ptr + offs, shift + (total + total_error) * inv_count, mask=mask)
+    tl.store(group_rstd_ptr + offs,
+             1.0 / tl.sqrt(tl.maximum((m2 + m2_error) * inv_count, 0.0) + eps), mask=mask)
 
 
 @triton.jit(do_not_specialize=["C", "G", "CPG", "num_c_blocks", "num_s_blocks"])
@@ -404,7 +446,7 @@ def _forward_group_kernel(
 
     RESIDENT: the group is loaded once into registers; mean and variance by two passes over the
     registers (numerically stable), then y: x is read once from memory (2T in all).
-    Otherwise the program walks the group twice, Welford/Chan over tiles, then y. The second walk
+    Otherwise the program walks the group twice, Chan's merge over tiles (_merge_moments), then y. The second walk
     follows the first within the same program, so it reads the group back from L2 while the
     programs running at once hold less than L2 (N*G programs, a few per SM, each group read
     shortly before): 2T from memory plus T from L2. A persistent walk was chosen over a
@@ -431,15 +473,24 @@ def _forward_group_kernel(
         out = _apply(x, mean, rstd, weight, bias, proxy_mean, proxy_scale, slope, ACT, PROXY)
         tl.store(y_base + offsets, out.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        count = tl.zeros([], ACC_DTYPE)
+        # Shift: the mean of the group's first tile (read again from L1 by the loop).
+        offs_c, offs_s, mask_c, mask = _tile_in_group(0, 0, CPG, S, BLOCK_C, BLOCK_S)
+        x = _load_tile(x_base, offs_c, offs_s, stride_c, stride_s, mask, ACC_DTYPE)
+        shift = tl.sum(x) / tl.sum(mask.to(ACC_DTYPE))
+        count = tl.zeros([], tl.int64)
         mean = tl.zeros([], ACC_DTYPE)
         m2 = tl.zeros([], ACC_DTYPE)
+        m2_error = tl.zeros([], ACC_DTYPE)
         for c0 in range(0, CPG, BLOCK_C):
             for s0 in range(0, S, BLOCK_S):
                 offs_c, offs_s, mask_c, mask = _tile_in_group(c0, s0, CPG, S, BLOCK_C, BLOCK_S)
                 x = _load_tile(x_base, offs_c, offs_s, stride_c, stride_s, mask, ACC_DTYPE)
-                count, mean, m2 = _chan_merge(count, mean, m2, x, mask)
-        rstd = 1.0 / tl.sqrt(tl.maximum(m2 * inv_m, 0.0) + eps)
+                tile_count, _, tile_mean, tile_m2 = _tile_moments(
+                    tl.where(mask, x - shift, 0.0), mask)
+                count, mean, m2, m2_error = _merge_moments(count, mean, m2, m2_error, tile_count,
+                                                           tile_mean, tile_m2)
+        mean += shift
+        rstd = 1.0 / tl.sqrt(tl.maximum((m2 + m2_error) * inv_m, 0.0) + eps)
         for c0 in range(0, CPG, BLOCK_C):
             offs_c, offs_s, mask_c, mask = _tile_in_group(c0, 0, CPG, S, BLOCK_C, BLOCK_S)
             weight, bias, proxy_mean, proxy_scale = _channel_params(
@@ -909,6 +960,9 @@ def _on_device(x_position: int):
 
 PATHS = ("resident", "looped", "split")
 PATH_ENV = "FUSEDNORM_TRITON_PATH"
+# Inputs with this many elements or more get 64-bit offsets (INDEX_64): int32 products of a
+# program's (n, g) or tile coordinates with the strides overflow at 2**31.
+INDEX_64_ELEMENTS = 2**31 - 1
 
 
 def _group_tile(cpg: int, spatial: int, traits: DeviceTraits):
@@ -994,7 +1048,7 @@ class _Launch:
         self.acc_torch = accumulation_dtype(x.dtype)
         self.acc_tl = tl.float64 if self.acc_torch == torch.float64 else tl.float32
         self.acc_size = self.acc_torch.itemsize
-        self.index_64 = x.numel() >= 2**31 - 1
+        self.index_64 = x.numel() >= INDEX_64_ELEMENTS
         self.flags = dict(ACT=activation, ACC_DTYPE=self.acc_tl)
         self.has_proxy_bias = proxy_bias is not None
         self.has_proxy_weight = proxy_weight is not None
@@ -1117,7 +1171,12 @@ def forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
         chunk, share = slice(n0, n1), (n1 - n0) / N  # share: of the x-sized tensors
         xc, yc, mc, rc = x[chunk], y[chunk], mean[chunk], rstd[chunk]
         ngc = (n1 - n0) * G
+        # Enough splits to fill the device; each under 2**24 elements, so that its count is
+        # exact in fp32 (the group's own count is an integer).
+        tile_elements = block_c * block_s
         splits = min(num_tiles, triton.cdiv(target, ngc))
+        if splits > 1:
+            splits = min(num_tiles, max(splits, triton.cdiv(num_tiles * tile_elements, 2**24)))
         tiles_per_split = triton.cdiv(num_tiles, splits)
         splits = triton.cdiv(num_tiles, tiles_per_split)
         stats_meta = dict(G=G, CPG=CPG, S=S, stride_n=launch.strides[0],
@@ -1128,17 +1187,17 @@ def forward_plan(x, weight, bias, proxy_bias, proxy_weight, samples, num_groups,
                           num_warps=_num_warps(block_c, block_s))
         chunk_stats_bytes = 2 * ngc * launch.acc_size
         if splits == 1:
-            steps.append(Step(_group_stats_kernel, (ngc, 1), (xc, mc, mc, rc),
+            steps.append(Step(_group_stats_kernel, (ngc, 1), (xc, mc, mc, rc, rc),
                               dict(FINALIZE=True, **stats_meta), share, chunk_stats_bytes))
         else:
-            partial = torch.empty((3, ngc, splits), dtype=launch.acc_torch, device=x.device)
+            # Planes: count, sum of x - shift, M2, shift.
+            partial = torch.empty((4, ngc, splits), dtype=launch.acc_torch, device=x.device)
             partial_bytes = partial.numel() * launch.acc_size
-            steps.append(Step(_group_stats_kernel, (ngc, splits),
-                              (xc, partial[0], partial[1], partial[2]),
+            steps.append(Step(_group_stats_kernel, (ngc, splits), (xc, *partial),
                               dict(FINALIZE=False, **stats_meta), share, partial_bytes))
             block = min(triton.next_power_of_2(ngc), 1024)
             steps.append(Step(_group_stats_combine_kernel, (triton.cdiv(ngc, block),),
-                              (partial[0], partial[1], partial[2], mc, rc, ngc, splits, eps),
+                              (*partial, mc, rc, ngc, splits, eps),
                               dict(BLOCK=block, ACC_DTYPE=launch.acc_tl), 0,
                               partial_bytes + chunk_stats_bytes))
         grid, meta = launch.elementwise_meta(n1 - n0)

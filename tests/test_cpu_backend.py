@@ -135,6 +135,11 @@ SUBPROCESS_CHECK = textwrap.dedent("""
             # ReLU-like with PN: channels-last derives sum g * act(z) from two other sums.
             check_against_reference("cpu", (2, 20, 9, 7), 5, activation=("leaky_relu", 0.1),
                                     dtype=dtype, channels_last=channels_last)
+    # Groups of 131072 elements: statistics to a few roundings (the merges of pieces and blocks).
+    from test_numerics import check_long_group_statistics
+    for kind in ("uniform", "offset", "heavy_tailed"):
+        for channels_last in (False, True):
+            check_long_group_statistics("cpu", "cpu", kind, channels_last)
     # Rows ending in partial vectors of many lengths, odd and even: the 16-bit partial loads and
     # stores (on AVX2 masked 32-bit pairs and an odd last value), up to the tensor's last byte.
     for length in (1, 2, 3, 8, 9, 15, 17, 49):
@@ -183,3 +188,62 @@ def test_long_groups_as_accurate_as_torch_group_norm(data, layout):
     out = fusednorm.group_norm_act(x, 2, activation="identity", backend="cpu")
     error = (out.double() - exact).abs().max().item()
     assert error <= 2 * torch_error, f"max error {error:.2e}, F.group_norm's {torch_error:.2e}"
+
+
+def _available_memory_bytes():
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tensor_past_2_to_the_31_elements(layout):
+    """bf16 (4, 32, 4096, 4100), 8 groups: 2,149,580,800 elements (past 2**31, 4.3 GB a tensor),
+    so that 32-bit offsets would wrap. Forward, then backward with grad_out = y (x, y and dx:
+    12.9 GB). Against F.group_norm in fp64: y and dx of the first and the last group (the last
+    lies past 2**31 in both layouts), dweight and dbias of the last channel."""
+    needed = 16 * 2**30
+    available = _available_memory_bytes()
+    if available is None or available < needed:
+        pytest.skip(f"needs {needed / 2**30:.0f} GiB of available memory; this machine has "
+                    f"{'an unknown amount' if available is None else f'{available / 2**30:.1f} GiB'}")
+    N, C, H, W, G = 4, 32, 4096, 4100, 8
+    CPG = C // G
+    gen = torch.Generator().manual_seed(0)
+    if LAYOUTS[layout]:
+        x = torch.randn((N, H, W, C), generator=gen, dtype=torch.bfloat16).permute(0, 3, 1, 2)
+    else:
+        x = torch.randn((N, C, H, W), generator=gen, dtype=torch.bfloat16)
+    assert x.numel() > 2**31
+    weight = (1 + 0.3 * torch.randn(C, generator=gen)).requires_grad_()
+    bias = (0.3 * torch.randn(C, generator=gen)).requires_grad_()
+    x.requires_grad_()
+    y = fusednorm.group_norm_act(x, G, weight, bias, activation="identity", backend="cpu")
+    assert y.stride() == x.stride()
+    dx, dweight, dbias = torch.autograd.grad(y, (x, weight, bias), y.detach())
+    x, y = x.detach(), y.detach()
+
+    for n, g in [(0, 0), (N - 1, G - 1)]:
+        channels = slice(g * CPG, (g + 1) * CPG)
+        xg = x[n, channels].double().requires_grad_()
+        yg = torch.nn.functional.group_norm(xg[None], 1, weight[channels].double().detach(),
+                                            bias[channels].double().detach())[0]
+        (dxg,) = torch.autograd.grad(yg, xg, y[n, channels].double())
+        torch.testing.assert_close(y[n, channels].double(), yg.detach(), rtol=1.6e-2, atol=1.6e-2,
+                                   msg=lambda m: f"y of group ({n}, {g}): {m}")
+        scale = dxg.abs().max().item()
+        torch.testing.assert_close(dx[n, channels].double(), dxg, rtol=1.6e-2, atol=1.6e-2 * scale,
+                                   msg=lambda m: f"dx of group ({n}, {g}): {m}")
+    # The last channel's parameter gradients: sums of grad * xhat and of grad over every sample.
+    sums = torch.zeros(4, dtype=torch.float64)
+    for n in range(N):
+        group = x[n, C - CPG:].double()
+        xhat = (group[-1] - group.mean()) * (group.var(unbiased=False) + 1e-5).rsqrt()
+        grad = y[n, C - 1].double()
+        sums += torch.stack([(grad * xhat).sum(), grad.sum(), (grad * xhat).abs().sum(),
+                             grad.abs().sum()])
+    torch.testing.assert_close(dweight[-1].double(), sums[0], rtol=0, atol=1e-5 * sums[2].item())
+    torch.testing.assert_close(dbias[-1].double(), sums[1], rtol=0, atol=1e-5 * sums[3].item())

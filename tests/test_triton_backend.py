@@ -106,3 +106,21 @@ def test_unknown_path_is_an_error(monkeypatch):
     x = torch.randn(2, 4, 3, device=triton_device())
     with pytest.raises(ValueError, match="FUSEDNORM_TRITON_PATH"):
         fusednorm.group_norm_proxy_act(x, 2, backend="triton")
+
+
+@pytest.mark.parametrize("path", kernels.PATHS)
+def test_every_path_with_64_bit_offsets(path, monkeypatch):
+    """The INDEX_64 specializations (inputs of 2**31 elements or more) on a small input: the
+    threshold lowered to 0, each path against the reference, both layouts. A tensor that large
+    is out of the interpreter's reach; the C++ kernel runs one in test_cpu_backend.py."""
+    monkeypatch.setattr(kernels, "INDEX_64_ELEMENTS", 0)
+    monkeypatch.setenv(kernels.PATH_ENV, path)
+    launched = []
+    run = kernels.Plan.run
+    monkeypatch.setattr(kernels.Plan, "run", lambda plan: launched.extend(plan.steps) or run(plan))
+    shape = (2, 8, 6, 5) if path == "resident" else (3, 16, 9, 10)
+    for channels_last in (False, True):
+        check_against_reference("triton", shape, 2, activation="silu",
+                                channels_last=channels_last, device=triton_device())
+    flags = {step.name: step.kwargs["INDEX_64"] for step in launched if "INDEX_64" in step.kwargs}
+    assert flags and all(flags.values()), flags

@@ -70,17 +70,17 @@ struct BackwardContext {
     sums[3].store(plane(n, 3) + c0, count);
   }
 
-  // SA = sum_{c in g} gamma_c A_nc, SB likewise with B, in channel order.
+  // SA = sum_{c in g} gamma_c A_nc, SB likewise with B, as a tree over the channels.
   std::pair<acc_t, acc_t> group_sums(int64_t ng) const {
     const int64_t n = ng / G, g = ng % G;
     const acc_t* a = plane(n, 0);
     const acc_t* b = plane(n, 1);
-    acc_t sa = 0, sb = 0;
-    for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
-      sa += weight[c] * a[c];
-      sb += weight[c] * b[c];
-    }
-    return {sa, sb};
+    return tree_reduce<std::pair<acc_t, acc_t>>(
+        g * CPG, (g + 1) * CPG,
+        [&](int64_t c) { return std::make_pair(weight[c] * a[c], weight[c] * b[c]); },
+        [](const auto& x, const auto& y) {
+          return std::make_pair(x.first + y.first, x.second + y.second);
+        });
   }
 
   // dx = k1 * g * act'(z) + k2 * (x - mean) + k3, i.e. rstd * (gamma g_z - SA/M - xhat SB/M):
@@ -100,6 +100,11 @@ template <typename Vec>
 struct PieceSums {
   Vec gp{0}, gpd{0}, g{0}, ga{0};
 };
+
+template <typename T>
+PieceSums<T> add_sums(const PieceSums<T>& a, const PieceSums<T>& b) {
+  return {a.gp + b.gp, a.gpd + b.gpd, a.g + b.g, a.ga + b.ga};
+}
 
 template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
 C10_ALWAYS_INLINE PieceSums<Vectorized<acc_t>> piece_sums(const BackwardContext<scalar_t>& ctx,
@@ -134,22 +139,20 @@ C10_ALWAYS_INLINE PieceSums<Vectorized<acc_t>> piece_sums(const BackwardContext<
 }
 
 // Raw sums of a long row (S > kChunk) (n, c) of group ng: in kChunk pieces, each summed in
-// vectors, then into scalar totals.
+// vectors, the pieces' sums added as a tree (a 256x256x72 row is 1152 pieces).
 template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
 void long_row_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c) {
   const int64_t offset = (n * ctx.C + c) * ctx.S;
-  acc_t gp = 0, gpd = 0, g = 0, ga = 0;
-  for (int64_t k = 0; k < ctx.S; k += kChunk) {
+  const auto piece = [&](int64_t k) {
+    const int64_t start = k * kChunk;
     const auto sums =
-        piece_sums<ACT, PROXY>(ctx, ng, c, offset + k, std::min(kChunk, ctx.S - k));
-    gp += lane_sum(sums.gp);
-    gpd += lane_sum(sums.gpd);
-    if constexpr (PROXY) {
-      g += lane_sum(sums.g);
-      ga += lane_sum(sums.ga);
-    }
-  }
-  ctx.store_partials(ng, n, c, gp, gpd, g, ga);
+        piece_sums<ACT, PROXY>(ctx, ng, c, offset + start, std::min(kChunk, ctx.S - start));
+    return PieceSums<acc_t>{lane_sum(sums.gp), lane_sum(sums.gpd),
+                            PROXY ? lane_sum(sums.g) : acc_t(0),
+                            PROXY ? lane_sum(sums.ga) : acc_t(0)};
+  };
+  const auto sums = tree_reduce<PieceSums<acc_t>>(0, divup(ctx.S, kChunk), piece, add_sums<acc_t>);
+  ctx.store_partials(ng, n, c, sums.gp, sums.gpd, sums.g, sums.ga);
 }
 
 // Raw sums of the rows c0 .. c0 + count - 1 (count <= lanes of a vector) of sample n, all in
@@ -273,27 +276,21 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
   std::copy(ctx.bias, ctx.bias + C, bias.begin());
   const Vec slope(ctx.slope);
 
-  // Per-thread buffers: per-channel mean, gamma * rstd and the dx coefficients of one sample.
+  // Per-thread buffers: per-channel mean, gamma * rstd and the dx coefficients of one sample;
+  // the per-channel sums of the blocks of a task.
   struct Buffers {
     std::vector<acc_t> mean, a1, k1, k2, k3;
-    explicit Buffers(int64_t P) : mean(P, 0), a1(P, 0), k1(P, 0), k2(P, 0), k3(P, 0) {}
+    PairwiseBlocks<acc_t> block_sums;
+    explicit Buffers(int64_t P)
+        : mean(P, 0), a1(P, 0), k1(P, 0), k2(P, 0), k3(P, 0), block_sums(kSums * P) {}
   };
 
-  // Raw sums per task and channel (kSums planes of P), accumulated row by row in place. Lanes
-  // past C see zero data and zero constants: they sum zeros.
-  std::vector<acc_t> task_sums(tasks * kSums * P);
-  auto partials_task = [&](int64_t task, Buffers& buffers) {
-    acc_t* mean = buffers.mean.data();
-    acc_t* a1 = buffers.a1.data();
-    const acc_t* bias_c = bias.data();
-    const int64_t n = task / tiling.tasks_per_n;
-    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean, a1);
-    acc_t* total = task_sums.data() + task * kSums * P;
-    const auto [first, last] = task_rows(task);
-    const int64_t first_offset = (n * S + first) * C;
+  // Adds the raw sums of rows s0 .. s0 + rows - 1 of sample n to total (kSums planes of P).
+  auto partials_block = [&](int64_t n, int64_t s0, int64_t rows, acc_t* total, const acc_t* mean,
+                            const acc_t* a1, const acc_t* bias_c) {
+    const int64_t first_offset = (n * S + s0) * C;
     const scalar_t* x = ctx.x + first_offset;
     const scalar_t* grad = ctx.grad + first_offset;
-    std::fill(total, total + kSums * P, acc_t(0));
     auto partials_strip = [=](int64_t offset, int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
       Vec vmean[kVecs], va1[kVecs], vbias[kVecs], xv[kVecs], gv[kVecs];
       Vec gp_sum[kVecs], gpd_sum[kVecs], g_sum[kVecs], ga_sum[kVecs];
@@ -324,7 +321,39 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
       if constexpr (PROXY) Strip::store_acc(total + 2 * P + c0, g_sum);
       if constexpr (kGa) Strip::store_acc(total + 3 * P + c0, ga_sum);
     };
-    for_each_row_strip<Strip>(last - first, C, partials_strip);
+    for_each_row_strip<Strip>(rows, C, partials_strip);
+  };
+  // The sums of rows first .. last - 1 of sample n into total, block by block, the blocks added
+  // pairwise.
+  auto partials_blocks = [&](int64_t n, int64_t first, int64_t last, acc_t* total,
+                             const acc_t* mean, const acc_t* a1, const acc_t* bias_c,
+                             PairwiseBlocks<acc_t>& block_sums) {
+    const AddSums<acc_t> add{kSums * P};
+    block_sums.reset();
+    for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
+      const int64_t rows = std::min(tiling.block_rows, last - s0);
+      partials_block(n, s0, rows, block_sums.start_block(), mean, a1, bias_c);
+      block_sums.finish_block(rows, add);
+    }
+    block_sums.result(total, add);
+  };
+  // Raw sums per task and channel (kSums planes of P): each block of rows accumulated row by
+  // row, the blocks added pairwise. Lanes past C see zero data and zero constants: they sum zeros.
+  std::vector<acc_t> task_sums(tasks * kSums * P);
+  auto partials_task = [&](int64_t task, Buffers& buffers) {
+    acc_t* mean = buffers.mean.data();
+    acc_t* a1 = buffers.a1.data();
+    const acc_t* bias_c = bias.data();
+    const int64_t n = task / tiling.tasks_per_n;
+    fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean, a1);
+    acc_t* total = task_sums.data() + task * kSums * P;
+    const auto [first, last] = task_rows(task);
+    if (last - first <= tiling.block_rows) {  // one block (7x7): straight into the task's sums
+      std::fill(total, total + kSums * P, acc_t(0));
+      partials_block(n, first, last - first, total, mean, a1, bias_c);
+    } else {
+      partials_blocks(n, first, last, total, mean, a1, bias_c, buffers.block_sums);
+    }
     // For ReLU-like activations sum g * act(z) follows from two other sums (act(z) = z act'(z)).
     if constexpr (PROXY && kActIsHomogeneous<ACT>) {
       for (int64_t c = 0; c < P; c += Vec::size()) {
@@ -334,16 +363,18 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
       }
     }
   };
-  // Per (n, c) of sample n: the tasks' sums in task order.
+  // Per (n, c) of sample n: the tasks' sums added as a tree.
   auto reduce_sample = [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
       for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) {
-        acc_t sums[4] = {0, 0, 0, 0};
-        for (int64_t t = 0; t < tiling.tasks_per_n; ++t) {
-          const acc_t* total = task_sums.data() + (n * tiling.tasks_per_n + t) * kSums * P;
-          for (int i = 0; i < kSums; ++i) sums[i] += total[i * P + c];
-        }
-        ctx.store_partials(n * G + g, n, c, sums[0], sums[1], sums[2], sums[3]);
+        const auto task_sum = [&](int64_t t) {
+          const acc_t* total = task_sums.data() + (n * tiling.tasks_per_n + t) * kSums * P + c;
+          return PieceSums<acc_t>{total[0], total[P], PROXY ? total[2 * P] : acc_t(0),
+                                  PROXY ? total[3 * P] : acc_t(0)};
+        };
+        const auto sums =
+            tree_reduce<PieceSums<acc_t>>(0, tiling.tasks_per_n, task_sum, add_sums<acc_t>);
+        ctx.store_partials(n * G + g, n, c, sums.gp, sums.gpd, sums.g, sums.ga);
       }
     }
   };

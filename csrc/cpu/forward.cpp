@@ -82,15 +82,12 @@ Welford<acc_t> chunk_stats(const scalar_t* p, int64_t len, acc_t shift) {
   return sums_about(p, len, shift + lane_sum(sum) / static_cast<acc_t>(len), shift).first;
 }
 
-// Chan's merge of state_at(begin) .. state_at(end - 1) as a balanced tree, left to right: the
-// rounding error grows with log2 of the count, where a running merge's grows with the count
-// (an 18.9M-element group is 4608 chunks: fp32 outputs 1e-5 off against PyTorch's 2e-7).
+// Chan's merge of state_at(begin) .. state_at(end - 1) as a balanced tree (tree_reduce).
 template <typename State, typename StateAt>
 State merge_tree(int64_t begin, int64_t end, const StateAt& state_at) {
-  if (end - begin <= 1) return end > begin ? state_at(begin) : State{};
-  const int64_t middle = begin + (end - begin) / 2;
-  const State left = merge_tree<State>(begin, middle, state_at);
-  return welford_merge(left, merge_tree<State>(middle, end, state_at));
+  return tree_reduce<State>(begin, end, state_at, [](const State& a, const State& b) {
+    return welford_merge(a, b);
+  });
 }
 
 template <typename scalar_t>
@@ -101,10 +98,13 @@ inline acc_type<scalar_t> to_acc(scalar_t v) {
 template <typename acc_t>
 inline void finish_stats(const Welford<acc_t>& state, acc_t shift, double eps, acc_t* mean,
                          acc_t* rstd) {
-  // std::max(NaN, 0) is NaN: a NaN in the group reaches every output of the group.
-  const acc_t var = std::max(state.m2 / static_cast<acc_t>(state.count), acc_t(0));
+  // std::max(NaN, 0) is NaN: a NaN in the group reaches every output of the group. rstd in
+  // double, rounded once: 4 fp32 roundings (divide, add, sqrt, reciprocal) put it up to 2 ulp
+  // off, which |xhat| of heavy-tailed data (~300) turns into 2.5x F.group_norm's output error.
+  const double var =
+      std::max(static_cast<double>(state.m2) / static_cast<double>(state.count), 0.0);
   *mean = shift + state.mean;
-  *rstd = acc_t(1) / std::sqrt(var + static_cast<acc_t>(eps));
+  *rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
 }
 
 template <typename scalar_t>
@@ -209,27 +209,26 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
   };
 
   // Statistics: per block of rows each channel's mean and squared deviations (block_stats: one
-  // pass, or two where needed), merged per channel over the blocks of a task (Chan), then into
-  // the groups' states, which are merged over tasks. All relative to a shift per (n, g), the
-  // group's first element (see chunk_stats).
+  // pass, or two where needed), merged per channel over the blocks of a task (Chan, pairwise),
+  // then into the groups' states, which are merged over tasks. All relative to a shift per
+  // (n, g), the group's first element (see chunk_stats).
   auto shift_of = [&](int64_t n, int64_t g) { return to_acc(ctx.x[n * S * C + g * CPG]); };
   std::vector<Welford<acc_t>> states(tasks * G);
   // Per-thread, per-channel buffers of the statistics (shift, task and block states) and the
   // apply (mean, a1).
   struct Buffers {
-    std::vector<acc_t> shift, task_mean, task_m2, block_mean, block_m2, center, mean, a1;
+    std::vector<acc_t> shift, task_state, center, mean, a1;
+    PairwiseBlocks<acc_t> blocks;  // states of P means, then P M2s
     explicit Buffers(int64_t P)
-        : shift(P, 0), task_mean(P, 0), task_m2(P, 0), block_mean(P, 0), block_m2(P, 0),
-          center(P, 0), mean(P, 0), a1(P, 0) {}
+        : shift(P, 0), task_state(2 * P, 0), center(P, 0), mean(P, 0), a1(P, 0), blocks(2 * P) {}
   };
   // A block's per-channel mean and squared deviations (relative to the shift) into block_mean
-  // and block_m2: one pass of sums about a center per channel, the mean of the block's first rows
+  // and block_m2 = block_mean + P: one pass of sums about a center per channel, the mean of the block's first rows
   // (kOnePassLimit); where the center of any channel is too far off, the block's mean is summed
   // first and the sums are taken again about it.
   auto block_stats = [&](const scalar_t* block, int64_t rows, const acc_t* shift,
-                         Buffers& buffers) {
-    acc_t* block_mean = buffers.block_mean.data();
-    acc_t* block_m2 = buffers.block_m2.data();
+                         acc_t* block_mean, Buffers& buffers) {
+    acc_t* block_m2 = block_mean + P;
     acc_t* center = buffers.center.data();
     // center = the mean of the block's first `count` rows per channel (summed relative to the
     // shift, as everything here).
@@ -288,39 +287,38 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
     rows_mean(rows);
     sums_about_center();
   };
+  // Chan's merge of the per-channel states of later rows (from) into those of earlier ones.
+  const auto chan_merge = [P](acc_t* into, int64_t into_rows, const acc_t* from,
+                              int64_t from_rows) {
+    const acc_t total = static_cast<acc_t>(into_rows + from_rows);
+    const Vec weight_b(static_cast<acc_t>(from_rows) / total);
+    const Vec weight_ab(static_cast<acc_t>(into_rows) * (static_cast<acc_t>(from_rows) / total));
+    for (int64_t c = 0; c < P; c += Vec::size()) {
+      const Vec mean = Vec::loadu(into + c), delta = Vec::loadu(from + c) - mean;
+      at::vec::fmadd(delta, weight_b, mean).store(into + c);
+      const Vec m2 = Vec::loadu(into + P + c) + Vec::loadu(from + P + c);
+      at::vec::fmadd(delta * delta, weight_ab, m2).store(into + P + c);
+    }
+  };
   auto stats_task = [&](int64_t task, Buffers& buffers) {
     acc_t* shift = buffers.shift.data();
-    acc_t* task_mean = buffers.task_mean.data();
-    acc_t* task_m2 = buffers.task_m2.data();
-    acc_t* block_mean = buffers.block_mean.data();
-    acc_t* block_m2 = buffers.block_m2.data();
+    acc_t* task_mean = buffers.task_state.data();
+    acc_t* task_m2 = task_mean + P;
     const int64_t n = task / tiling.tasks_per_n;
     for (int64_t g = 0; g < G; ++g) {
       std::fill(shift + g * CPG, shift + (g + 1) * CPG, shift_of(n, g));
     }
     const auto [first, last] = task_rows(task);
-    int64_t count = 0;
-    for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
-      const int64_t rows = std::min(tiling.block_rows, last - s0);
-      const scalar_t* block = ctx.x + (n * S + s0) * C;
-      block_stats(block, rows, shift, buffers);
-      // Chan's merge of the block into the task's per-channel states (every channel has the
-      // same count).
-      if (count == 0) {
-        std::copy(block_mean, block_mean + P, task_mean);
-        std::copy(block_m2, block_m2 + P, task_m2);
-      } else {
-        const int64_t total = count + rows;
-        const Vec weight_b(static_cast<acc_t>(rows) / static_cast<acc_t>(total));
-        const Vec weight_ab(static_cast<acc_t>(count) * weight_b);
-        for (int64_t c = 0; c < P; c += Vec::size()) {
-          const Vec mean = Vec::loadu(task_mean + c), delta = Vec::loadu(block_mean + c) - mean;
-          at::vec::fmadd(delta, weight_b, mean).store(task_mean + c);
-          const Vec m2 = Vec::loadu(task_m2 + c) + Vec::loadu(block_m2 + c);
-          at::vec::fmadd(delta * delta, weight_ab, m2).store(task_m2 + c);
-        }
+    if (last - first <= tiling.block_rows) {  // one block (7x7): straight into the task's state
+      block_stats(ctx.x + (n * S + first) * C, last - first, shift, task_mean, buffers);
+    } else {
+      buffers.blocks.reset();
+      for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
+        const int64_t rows = std::min(tiling.block_rows, last - s0);
+        block_stats(ctx.x + (n * S + s0) * C, rows, shift, buffers.blocks.start_block(), buffers);
+        buffers.blocks.finish_block(rows, chan_merge);
       }
-      count += rows;
+      buffers.blocks.result(task_mean, chan_merge);
     }
     // Each group's state over this task from its channels' states (equal counts).
     const int64_t task_count = last - first;

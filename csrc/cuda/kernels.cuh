@@ -151,7 +151,9 @@ __global__ void group_stats_kernel(const scalar_t* __restrict__ x, index_t C, in
   }
 }
 
-// One thread per group: merges its splits in order.
+// One thread per group: merges its splits in order. Integer counts (a group's count passes
+// 2**24, where float adds round), and means relative to the first split's: merged from raw means
+// (offset data, 1e4 + randn) each step would round at 1e4's precision.
 template <typename acc_t>
 __global__ void stats_combine_kernel(const acc_t* __restrict__ part_count,
                                      const acc_t* __restrict__ part_mean,
@@ -160,12 +162,14 @@ __global__ void stats_combine_kernel(const acc_t* __restrict__ part_count,
                                      acc_t* __restrict__ rstd) {
   const int64_t ng = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (ng >= NG) return;
-  Welford<acc_t> s{0, 0, 0};
+  const acc_t shift = part_mean[ng * splits];
+  Welford<acc_t, int64_t> s{0, 0, 0};
   for (int64_t i = ng * splits; i < (ng + 1) * splits; ++i) {
-    s = welford_merge(s, Welford<acc_t>{part_count[i], part_mean[i], part_m2[i]});
+    s = welford_merge(s, Welford<acc_t, int64_t>{static_cast<int64_t>(part_count[i]),
+                                                 part_mean[i] - shift, part_m2[i]});
   }
-  mean[ng] = s.mean;
-  rstd[ng] = inverse_std(s.m2, s.count, eps);
+  mean[ng] = shift + s.mean;
+  rstd[ng] = inverse_std(s.m2, static_cast<acc_t>(s.count), eps);
 }
 
 // y = s_c * act((x - mean) * gamma_c * rstd + beta_c) - s_c * m_c, grid-stride over elements.
