@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,54 @@ def test_gpu_report_folder_is_named_by_device_and_date():
     import datetime
     path = gpu_validate.default_out_dir("NVIDIA H100 80GB HBM3", datetime.datetime(2026, 11, 25, 2, 5))
     assert path == ROOT / "bench" / "results" / "nvidia-h100-80gb-hbm3-20261125-0205"
+
+
+def test_gpu_results_pack_into_eight_files(tmp_path):
+    """What `dev.py gpu` leaves (14 files and a folder on the last plan) packs into at most 8
+    files, none in a folder: the summaries, the benchmark's table/plot/data, the profile table,
+    and one archive holding everything else intact."""
+    import tarfile
+
+    names = ["summary.md", "summary.json", "env.json", "junit.xml", "tests.log", "bench.log",
+             "profile.log", "ncu.log", "ncu.csv", "profile.txt", "nvidia-h200-20261203-2000.md",
+             "nvidia-h200-20261203-2000.json", "nvidia-h200-20261203-2000.csv",
+             "nvidia-h200-20261203-2000.png"]
+    for name in names:
+        (tmp_path / name).write_text(f"contents of {name}\n")
+    (tmp_path / "ncu-target").mkdir()
+    (tmp_path / "ncu-target" / "profile.txt").write_text("nested\n")
+    kept = gpu_validate.pack(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert sorted(kept) == left and len(left) <= gpu_validate.MAX_FILES
+    assert all((tmp_path / name).is_file() for name in left)
+    assert {"summary.md", "summary.json", "nvidia-h200-20261203-2000.md",
+            "nvidia-h200-20261203-2000.png", "profile.txt", gpu_validate.ARCHIVE} <= set(left)
+    with tarfile.open(tmp_path / gpu_validate.ARCHIVE) as archive:
+        members = {m.name: m for m in archive.getmembers()}
+        archived = {name for name in members if members[name].isfile()}
+        assert archived == {n for n in names if n not in left} | {"ncu-target/profile.txt"}
+        assert archive.extractfile("junit.xml").read() == b"contents of junit.xml\n"
+
+
+def test_gpu_validation_keeps_to_its_budget(tmp_path, monkeypatch):
+    """Steps run within the time the budget leaves (counted from dev.py's start): a step with
+    less than 10 s left is skipped with the reason, not started."""
+    monkeypatch.setattr(gpu_validate, "cuda_available", lambda: True)
+    monkeypatch.setattr(gpu_validate, "environment", lambda: {"device": "fake", "capability": "9.0",
+                                                              "torch": "-", "cuda": "-",
+                                                              "triton": "-", "commit": "0" * 10})
+    ran = []
+    monkeypatch.setattr(gpu_validate, "run_step", lambda name, command, out_dir, limit, env=None:
+                        ran.append((name, limit)) or gpu_validate.StepResult(name, "ok", 0.0, "-"))
+    monkeypatch.setenv(gpu_validate.START_ENV, str(time.time() - 400))
+    assert gpu_validate.main(["--out", str(tmp_path), "--budget-s", "480"]) == 0
+    assert ran and all(limit <= 480 - 400 - gpu_validate.REPORT_RESERVE_S for _, limit in ran)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    statuses = {s["name"]: s["status"] for s in summary["steps"]}
+    assert statuses["tests"] == "ok"
+    monkeypatch.setenv(gpu_validate.START_ENV, str(time.time() - 470))
+    ran.clear()
+    gpu_validate.main(["--out", str(tmp_path / "late"), "--budget-s", "480"])
+    assert ran == []
+    summary = json.loads((tmp_path / "late" / "summary.json").read_text())
+    assert all(s["status"].startswith("skipped") for s in summary["steps"])

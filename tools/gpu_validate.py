@@ -11,6 +11,13 @@ the later ones:
   ncu        Nsight Compute summaries of the main kernels, when ncu is present -> ncu.csv
 and summary.md / summary.json with every step's status and time, and the test counts.
 Installing (the CUDA extension built for the present GPU) is dev.py's part, before this runs.
+
+The lent GPU machine gives 15 minutes of device time in all and brings back at most 8 files
+(16 MiB each, at most two folders deep): the whole call keeps within ``--budget-s`` (default
+480 s, counted from dev.py's start when it passes FUSEDNORM_GPU_START), each step within its own
+limit and the time left, and the folder ends with at most MAX_FILES files: the summaries, the
+benchmark's table, plot and data, the profile table, and results.tar.gz with everything else
+(logs, junit.xml, the benchmark's CSV, Nsight Compute's output).
 """
 from __future__ import annotations
 
@@ -30,6 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA_MESSAGE = "dev.py gpu: no CUDA device here (torch.cuda.is_available() is False); nothing run"
 PROFILE_SHAPE = (32, 256, 56, 56)
+MAX_FILES = 8
+# What stays a file of its own, in this order of priority (the benchmark's table, plot and data;
+# env.json last), the rest into ARCHIVE.
+KEEP = ("summary.md", "summary.json", "*.md", "*.png", "profile.txt", "*.json")
+ARCHIVE = "results.tar.gz"
+START_ENV = "FUSEDNORM_GPU_START"  # dev.py's start (time.time()), for the overall budget
+REPORT_RESERVE_S = 15  # kept back from the budget for the report and the archive
 
 
 @dataclasses.dataclass
@@ -88,6 +102,28 @@ def run_step(name, command, out_dir: Path, timeout_s: int, env=None) -> StepResu
     return StepResult(name, status, seconds, log)
 
 
+def pack(out_dir: Path, max_files: int = MAX_FILES) -> list[str]:
+    """Leave at most max_files entries in out_dir: the KEEP files (first match first), and one
+    ARCHIVE (tar.gz) with every other file and folder, which are then removed. Returns the
+    names left."""
+    import tarfile
+
+    kept = []
+    for pattern in KEEP:
+        for path in sorted(out_dir.glob(pattern)):
+            if path.is_file() and path.name not in kept and len(kept) < max_files - 1:
+                kept.append(path.name)
+    rest = sorted(p for p in out_dir.iterdir() if p.name not in kept and p.name != ARCHIVE)
+    if rest:
+        with tarfile.open(out_dir / ARCHIVE, "w:gz") as archive:
+            for path in rest:
+                archive.add(path, arcname=path.name)
+        for path in rest:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        kept.append(ARCHIVE)
+    return kept
+
+
 def junit_counts(path: Path) -> dict | None:
     """{tests, failures, errors, skipped} of a pytest JUnit XML, or None when it is missing."""
     if not path.exists():
@@ -123,6 +159,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: "
                         "bench/results/<device>-<date>/)")
     parser.add_argument("--skip", default="", help="comma list of steps to leave out")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="the whole call's time, dev.py's build included (default %(default)s)")
     parser.add_argument("--bench-args", default="--shape-sets resnet,diffusion --batch 32 "
                         "--dtypes bf16 --modes fwd+bwd --repeats 30 --warmup 3",
                         help="arguments of bench/group_norm_proxy_act.py (default: %(default)s)")
@@ -143,10 +181,10 @@ def main(argv=None) -> int:
         # The CPU-only compile checks are CI's; here the GPU runs the rest.
         ("tests", [py, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider", "-rs",
                    "--ignore=tests/test_gpu_readiness.py", f"--junitxml={out_dir / 'junit.xml'}"],
-         240),
+         200),
         ("bench", [py, "bench/group_norm_proxy_act.py", "--device", "cuda",
-                   "--output-dir", str(out_dir), *args.bench_args.split()], 180),
-        ("profile", [py, str(Path(__file__).resolve()), "--profile-into", str(out_dir)], 45),
+                   "--output-dir", str(out_dir), *args.bench_args.split()], 120),
+        ("profile", [py, str(Path(__file__).resolve()), "--profile-into", str(out_dir)], 30),
     ]
     ncu = shutil.which("ncu")
     if ncu:
@@ -154,16 +192,22 @@ def main(argv=None) -> int:
                              "--kernel-name", "regex:_kernel$", "--launch-count", "24",
                              "--section", "SpeedOfLight", "--section", "Occupancy",
                              "--section", "LaunchStats", py, str(Path(__file__).resolve()),
-                             "--profile-into", str(out_dir / "ncu-target"), "--steps", "1"], 90))
+                             "--profile-into", str(out_dir / "ncu-target"), "--steps", "1"], 60))
+    deadline = float(os.environ.get(START_ENV, time.time())) + args.budget_s - REPORT_RESERVE_S
     steps = []
     for name, command, limit in plan:
+        left = int(deadline - time.time())
         if name in skip:
             steps.append(StepResult(name, "skipped: --skip", 0.0, "-"))
-            continue
-        steps.append(run_step(name, command, out_dir, limit, env=cuda_env))
+        elif left < 10:
+            steps.append(StepResult(name, f"skipped: the {args.budget_s:.0f} s budget is spent",
+                                    0.0, "-"))
+        else:
+            steps.append(run_step(name, command, out_dir, min(limit, left), env=cuda_env))
     if not ncu:
         steps.append(StepResult("ncu", "skipped: ncu not on PATH", 0.0, "-"))
     print(write_report(out_dir, env, steps))
+    print(f"[pack] {out_dir}: {', '.join(pack(out_dir))}")
     return 0 if all(s.status == "ok" or s.status.startswith("skipped") for s in steps) else 1
 
 
