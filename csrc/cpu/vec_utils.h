@@ -182,6 +182,12 @@ struct Io {
 };
 
 #if defined(CPU_CAPABILITY_AVX2)
+// The 32-bit lanes holding the first count / 2 pairs of 16-bit values.
+inline __m256i whole_pairs_mask(int64_t count) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count / 2)),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
 // The first `count` (< 16) 16-bit values at p, the other lanes zero, and their store. AVX2 has
 // no 16-bit masked moves, and ATen's partial load/store of bf16/fp16 go through memcpy and a
 // stack buffer (a libc call and a failed store-to-load forward each): with rows of 49 values (7x7:
@@ -189,9 +195,7 @@ struct Io {
 // Here the pairs move with 32-bit masked loads/stores and an odd last value alone (a masked
 // 32-bit lane past it could read past the end of the tensor).
 inline __m256i load_16bit_tail(const void* p, int64_t count) {
-  const __m256i pairs = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count / 2)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  __m256i v = _mm256_maskload_epi32(static_cast<const int*>(p), pairs);
+  __m256i v = _mm256_maskload_epi32(static_cast<const int*>(p), whole_pairs_mask(count));
   if (count % 2 != 0) {
     const __m256i last_lane = _mm256_cmpeq_epi16(
         _mm256_set1_epi16(static_cast<int16_t>(count - 1)),
@@ -203,9 +207,7 @@ inline __m256i load_16bit_tail(const void* p, int64_t count) {
 }
 
 inline void store_16bit_tail(void* p, __m256i v, int64_t count) {
-  const __m256i pairs = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(count / 2)),
-                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  _mm256_maskstore_epi32(static_cast<int*>(p), pairs, v);
+  _mm256_maskstore_epi32(static_cast<int*>(p), whole_pairs_mask(count), v);
   if (count % 2 != 0) {
     __at_align__ int16_t lanes[16];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
