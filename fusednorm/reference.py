@@ -53,7 +53,8 @@ def _norm_affine_act(input, num_groups, weight, bias, act, slope, eps, upcast):
     if channels_last:
         # Group the (N, *spatial, C) rows as they lie in memory, so that the output and, through
         # autograd, dx come back channels-last like every fused backend's (the documented contract).
-        grouped = x.movedim(1, -1).reshape(n, spatial, num_groups, c // num_groups)
+        rows = x.movedim(1, -1)
+        grouped = rows.reshape(n, spatial, num_groups, c // num_groups)
         dims = (1, 3)
     else:
         grouped = x.reshape(n, num_groups, (c // num_groups) * spatial)
@@ -62,7 +63,7 @@ def _norm_affine_act(input, num_groups, weight, bias, act, slope, eps, upcast):
     var = (grouped - mean).square().mean(dim=dims, keepdim=True)
     xhat = (grouped - mean) * torch.rsqrt(var + eps)
     if channels_last:
-        xhat = xhat.reshape(x.movedim(1, -1).shape).movedim(-1, 1)
+        xhat = xhat.reshape(rows.shape).movedim(-1, 1)
     else:
         xhat = xhat.reshape(x.shape)
     pdtype = dtype or torch.promote_types(x.dtype, _param_dtype(weight, bias, x.dtype))

@@ -446,12 +446,12 @@ def _forward_group_kernel(
 
     RESIDENT: the group is loaded once into registers; mean and variance by two passes over the
     registers (numerically stable), then y: x is read once from memory (2T in all).
-    Otherwise the program walks the group twice, Chan's merge over tiles (_merge_moments), then y. The second walk
-    follows the first within the same program, so it reads the group back from L2 while the
-    programs running at once hold less than L2 (N*G programs, a few per SM, each group read
-    shortly before): 2T from memory plus T from L2. A persistent walk was chosen over a
-    thread-block-cluster reduction because Triton does not expose clusters' distributed shared
-    memory; groups too large for the per-group grid to fill the GPU take the split path."""
+    Otherwise the program walks the group twice, Chan's merge over tiles (_merge_moments), then
+    y. The second walk follows the first within the same program, so it reads the group back
+    from L2 while the programs running at once hold less than L2 (N*G programs, a few per SM,
+    each group read shortly before): 2T from memory plus T from L2. A persistent walk was chosen
+    over a thread-block-cluster reduction because Triton does not expose clusters' distributed
+    shared memory; groups too large for the per-group grid to fill the GPU take the split path."""
     slope = tl.full([], slope, ACC_DTYPE)
     eps = tl.full([], eps, ACC_DTYPE)
     proxy_eps = tl.full([], proxy_eps, ACC_DTYPE)

@@ -98,9 +98,9 @@ inline acc_type<scalar_t> to_acc(scalar_t v) {
 template <typename acc_t>
 inline void finish_stats(const Welford<acc_t>& state, acc_t shift, double eps, acc_t* mean,
                          acc_t* rstd) {
-  // std::max(NaN, 0) is NaN: a NaN in the group reaches every output of the group. rstd in
-  // double, rounded once: 4 fp32 roundings (divide, add, sqrt, reciprocal) put it up to 2 ulp
-  // off, which |xhat| of heavy-tailed data (~300) turns into 2.5x F.group_norm's output error.
+  // std::max(NaN, 0) is NaN: a NaN in the group reaches every output of the group. rstd from M2
+  // in double, rounded once, rather than after four fp32 roundings (divide, add, sqrt,
+  // reciprocal). (It did not close the heavy-tailed gap it was tried for: that ulp is in M2.)
   const double var =
       std::max(static_cast<double>(state.m2) / static_cast<double>(state.count), 0.0);
   *mean = shift + state.mean;
@@ -223,9 +223,9 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
         : shift(P, 0), task_state(2 * P, 0), center(P, 0), mean(P, 0), a1(P, 0), blocks(2 * P) {}
   };
   // A block's per-channel mean and squared deviations (relative to the shift) into block_mean
-  // and block_m2 = block_mean + P: one pass of sums about a center per channel, the mean of the block's first rows
-  // (kOnePassLimit); where the center of any channel is too far off, the block's mean is summed
-  // first and the sums are taken again about it.
+  // and block_m2 = block_mean + P: one pass of sums about a center per channel, the mean of the
+  // block's first rows (kOnePassLimit); where the center of any channel is too far off, the
+  // block's mean is summed first and the sums are taken again about it.
   auto block_stats = [&](const scalar_t* block, int64_t rows, const acc_t* shift,
                          acc_t* block_mean, Buffers& buffers) {
     acc_t* block_m2 = block_mean + P;
