@@ -141,10 +141,16 @@ SUBPROCESS_CHECK = textwrap.dedent("""
         for channels_last in (False, True):
             check_long_group_statistics("cpu", "cpu", kind, channels_last)
     # Rows ending in partial vectors of many lengths, odd and even: the 16-bit partial loads and
-    # stores (on AVX2 masked 32-bit pairs and an odd last value), up to the tensor's last byte.
+    # stores (on AVX2 masked 32-bit pairs and an odd last value), up to the tensor's last byte;
+    # rows of a step or more walked flat, steps straddling two rows (3 rows per group).
     for length in (1, 2, 3, 8, 9, 15, 17, 49):
         for dtype in (torch.bfloat16, torch.float16):
             check_against_reference("cpu", (2, 4, length), 2, activation="silu", dtype=dtype)
+    for length in (8, 9, 15, 16, 17, 31, 33, 49):
+        for dtype in (torch.float32, torch.bfloat16):
+            check_against_reference("cpu", (2, 6, length), 2, activation="gelu", dtype=dtype)
+    # 3 groups on 2 threads: the statistics, then the rows in runs within a group.
+    check_against_reference("cpu", (1, 9, 49), 3, activation="relu", dtype=torch.bfloat16)
 """)
 
 

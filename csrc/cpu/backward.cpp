@@ -106,35 +106,68 @@ PieceSums<T> add_sums(const PieceSums<T>& a, const PieceSums<T>& b) {
   return {a.gp + b.gp, a.gpd + b.gpd, a.g + b.g, a.ga + b.ga};
 }
 
+// The per-row coefficients of the backward: gamma_c * rstd and beta_c.
+template <typename Vec>
+struct RowCoefs {
+  Vec a1, b;
+};
+
+template <typename scalar_t, typename acc_t = acc_type<scalar_t>>
+RowCoefs<Vectorized<acc_t>> row_coefs(const BackwardContext<scalar_t>& ctx, int64_t ng,
+                                      int64_t c) {
+  return {Vectorized<acc_t>(ctx.weight[c] * ctx.rstd[ng]), Vectorized<acc_t>(ctx.bias[c])};
+}
+
+// Adds one vector of row values x, g (the lanes set in *mask; all with nullptr) to the sums.
+template <int ACT, bool PROXY, typename Vec>
+C10_ALWAYS_INLINE void add_piece(PieceSums<Vec>& sums, const Vec& xv, const Vec& gv,
+                                 const Vec& mean, const RowCoefs<Vec>& k, const Vec& slope,
+                                 const Vec* mask) {
+  const Vec d = xv - mean;
+  const Vec z = at::vec::fmadd(d, k.a1, k.b);
+  Vec gp = act_grad_times<ACT>(z, gv, slope);
+  if (mask) gp = Vec::blendv(Vec(0), gp, *mask);
+  sums.gp += gp;
+  sums.gpd = at::vec::fmadd(gp, d, sums.gpd);
+  if constexpr (PROXY) {
+    sums.g += mask ? Vec::blendv(Vec(0), gv, *mask) : gv;
+    if constexpr (!kActIsHomogeneous<ACT>) {
+      Vec ga = gv * act_value_vec<ACT>(z, slope);
+      if (mask) ga = Vec::blendv(Vec(0), ga, *mask);
+      sums.ga += ga;
+    }
+  }
+}
+
+// For ReLU-like activations sum g act(z) follows from the other two (kActIsHomogeneous), lane
+// by lane as in the channels-last partials: the same rounding in both layouts.
+template <int ACT, bool PROXY, typename Vec>
+C10_ALWAYS_INLINE void finish_piece(PieceSums<Vec>& sums, const RowCoefs<Vec>& k) {
+  if constexpr (PROXY && kActIsHomogeneous<ACT>) {
+    sums.ga = at::vec::fmadd(k.a1, sums.gpd, k.b * sums.gp);
+  }
+}
+
+// Vector sums over a piece of row c of group ng: elements [offset, offset + len).
 template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
 C10_ALWAYS_INLINE PieceSums<Vectorized<acc_t>> piece_sums(const BackwardContext<scalar_t>& ctx,
                                                           int64_t ng, int64_t c, int64_t offset,
                                                           int64_t len) {
   using Vec = Vectorized<acc_t>;
-  const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]), slope(ctx.slope);
+  const Vec mean(ctx.mean[ng]), slope(ctx.slope);
+  const auto k = row_coefs(ctx, ng, c);
   PieceSums<Vec> sums;
   reduce2(ctx.x + offset, ctx.grad + offset, len,
           [&](const Vec& xv, const Vec& gv, int64_t valid, int64_t) {
-            const Vec d = xv - mean;
-            const Vec z = at::vec::fmadd(d, a1, b);
-            Vec gp = act_grad_times<ACT>(z, gv, slope);
-            if (valid < Vec::size()) gp = Vec::set(Vec(0), gp, valid);
-            sums.gp += gp;
-            sums.gpd = at::vec::fmadd(gp, d, sums.gpd);
-            if constexpr (PROXY) {
-              sums.g += gv;
-              if constexpr (!kActIsHomogeneous<ACT>) {
-                Vec ga = gv * act_value_vec<ACT>(z, slope);
-                if (valid < Vec::size()) ga = Vec::set(Vec(0), ga, valid);
-                sums.ga += ga;
-              }
+            if (valid < Vec::size()) {
+              const Vec mask = StepLanes<Vec, 1>(valid).before[0];
+              add_piece<ACT, PROXY>(sums, xv, gv, mean, k, slope, &mask);
+            } else {
+              const Vec* all_lanes = nullptr;
+              add_piece<ACT, PROXY>(sums, xv, gv, mean, k, slope, all_lanes);
             }
           });
-  // For ReLU-like activations sum g act(z) follows from the other two (kActIsHomogeneous), lane
-  // by lane as in the channels-last partials: the same rounding in both layouts.
-  if constexpr (PROXY && kActIsHomogeneous<ACT>) {
-    sums.ga = at::vec::fmadd(a1, sums.gpd, b * sums.gp);
-  }
+  finish_piece<ACT, PROXY>(sums, k);
   return sums;
 }
 
@@ -155,66 +188,115 @@ void long_row_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t
   ctx.store_partials(ng, n, c, sums.gp, sums.gpd, sums.g, sums.ga);
 }
 
-// Raw sums of the rows c0 .. c0 + count - 1 (count <= lanes of a vector) of sample n, all in
-// group ng, rows of S <= kChunk elements: each row summed in vectors, then the lanes of all the
-// rows at once (lane_sums): short rows (7x7: 49 elements) spend as long in horizontal sums as
-// in the data otherwise.
-template <int ACT, bool PROXY, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void short_rows_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n,
-                         int64_t c0, int64_t count) {
+// Per-row vector sums of up to a vector-width of rows, their lanes summed all at once
+// (lane_sums): short rows (7x7: 49 elements) spend as long in horizontal sums as in the data
+// otherwise. add(c, sums) keeps row c's sums (rows in order, all of sample n in group ng);
+// finish() writes the partials of the rows kept since the last.
+template <typename scalar_t, bool PROXY, typename acc_t = acc_type<scalar_t>>
+class RowSumsBatch {
+ public:
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t kLanes = Vec::size();
-  // Row i's vector sums at [i * kLanes, (i + 1) * kLanes) of each plane.
-  alignas(64) acc_t planes[4][kLanes * kLanes];
-  for (int64_t i = 0; i < kLanes; ++i) {
-    PieceSums<Vec> sums;  // zeros for the rows past count
-    if (i < count) {
-      sums = piece_sums<ACT, PROXY>(ctx, ng, c0 + i, (n * ctx.C + c0 + i) * ctx.S, ctx.S);
+  static constexpr int64_t kLanes = Vec::size();
+
+  RowSumsBatch(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n)
+      : ctx_(ctx), ng_(ng), n_(n) {}
+
+  void add(int64_t c, const PieceSums<Vec>& sums) {
+    if (count_ == 0) c0_ = c;
+    const int64_t at = count_++ * kLanes;
+    sums.gp.store(planes_[0] + at);
+    sums.gpd.store(planes_[1] + at);
+    sums.g.store(planes_[2] + at);
+    sums.ga.store(planes_[3] + at);
+    if (count_ == kLanes) finish();
+  }
+
+  void finish() {
+    if (count_ == 0) return;
+    for (int64_t i = count_; i < kLanes; ++i) {  // zeros for the lanes past the rows
+      for (auto& plane : planes_) Vec(0).store(plane + i * kLanes);
     }
-    sums.gp.store(planes[0] + i * kLanes);
-    sums.gpd.store(planes[1] + i * kLanes);
-    sums.g.store(planes[2] + i * kLanes);
-    sums.ga.store(planes[3] + i * kLanes);
+    Vec totals[4];
+    for (int plane = 0; plane < 4; ++plane) {
+      totals[plane] = plane < 2 || PROXY ? lane_sums<Vec>(planes_[plane]) : Vec(0);
+    }
+    ctx_.store_partials(ng_, n_, c0_, count_, totals);
+    count_ = 0;
   }
-  Vec totals[4];
-  for (int plane = 0; plane < 4; ++plane) {
-    totals[plane] = plane < 2 || PROXY ? lane_sums<Vec>(planes[plane]) : Vec(0);
-  }
-  ctx.store_partials(ng, n, c0, count, totals);
-}
+
+ private:
+  const BackwardContext<scalar_t>& ctx_;
+  int64_t ng_, n_, c0_ = 0, count_ = 0;
+  // Row i's vector sums at [i * kLanes, (i + 1) * kLanes) of each plane.
+  alignas(64) acc_t planes_[4][kLanes * kLanes];
+};
 
 // Partials of the rows [begin, end) of (N * C), all in group ng.
 template <int ACT, bool PROXY, typename scalar_t>
 void rows_partials(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t begin,
                    int64_t end) {
   using Vec = Vectorized<acc_type<scalar_t>>;
-  const int64_t n = begin / ctx.C;
-  if (ctx.S > kChunk) {
+  const int64_t n = begin / ctx.C, c_begin = begin % ctx.C, S = ctx.S;
+  if (S > kChunk) {
     for (int64_t row = begin; row < end; ++row) {
       long_row_partials<ACT, PROXY>(ctx, ng, n, row % ctx.C);
     }
     return;
   }
-  for (int64_t row = begin; row < end; row += Vec::size()) {
-    short_rows_partials<ACT, PROXY>(ctx, ng, n, row % ctx.C,
-                                    std::min<int64_t>(Vec::size(), end - row));
+  RowSumsBatch<scalar_t, PROXY> batch(ctx, ng, n);
+  const int64_t offset = begin * S;
+  if (flat_walk_fits<scalar_t>(S)) {
+    const Vec mean(ctx.mean[ng]), slope(ctx.slope);
+    const auto coefs_of = [&](int64_t r) { return row_coefs(ctx, ng, c_begin + r); };
+    reduce_rows<PieceSums<Vec>>(
+        ctx.x + offset, ctx.grad + offset, end - begin, S, coefs_of,
+        [&](PieceSums<Vec>& sums, const Vec& xv, const Vec& gv, const RowCoefs<Vec>& k,
+            const Vec* mask) { add_piece<ACT, PROXY>(sums, xv, gv, mean, k, slope, mask); },
+        [&](int64_t r, PieceSums<Vec> sums) {
+          finish_piece<ACT, PROXY>(sums, coefs_of(r));
+          batch.add(c_begin + r, sums);
+        });
+  } else {
+    for (int64_t r = 0; r < end - begin; ++r) {
+      batch.add(c_begin + r, piece_sums<ACT, PROXY>(ctx, ng, c_begin + r, offset + r * S, S));
+    }
   }
+  batch.finish();
 }
 
-// dx of row (n, c) of group ng; k2, k3: the group's coefficients (dx_group_coefficients).
+// dx of rows c_begin .. c_end - 1 of sample n, all in group ng; k2, k3: the group's
+// coefficients (dx_group_coefficients). Rows shorter than a step one by one, longer ones as one
+// flat walk (map_rows).
 template <int ACT, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void dx_row(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c, acc_t k2,
-            acc_t k3) {
+void dx_rows(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c_begin,
+             int64_t c_end, acc_t k2, acc_t k3) {
   using Vec = Vectorized<acc_t>;
-  const int64_t offset = (n * ctx.C + c) * ctx.S;
-  const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]), slope(ctx.slope);
-  const Vec vk1(ctx.dx_channel_coefficient(ng, c)), vk2(k2), vk3(k3);
-  map2(ctx.x + offset, ctx.grad + offset, ctx.dx + offset, ctx.S,
-       [&](const Vec& xv, const Vec& gv, int64_t) {
-         const Vec d = xv - mean;
-         const Vec gp = act_grad_times<ACT>(at::vec::fmadd(d, a1, b), gv, slope);
-         return at::vec::fmadd(gp, vk1, at::vec::fmadd(d, vk2, vk3));
-       });
+  const Vec mean(ctx.mean[ng]), slope(ctx.slope), vk2(k2), vk3(k3);
+  struct DxCoefs {
+    RowCoefs<Vec> z;
+    Vec k1;
+  };
+  const auto coefs_of = [&](int64_t r) {
+    const int64_t c = c_begin + r;
+    return DxCoefs{row_coefs(ctx, ng, c), Vec(ctx.dx_channel_coefficient(ng, c))};
+  };
+  const auto dx_of = [&](const Vec& xv, const Vec& gv, const DxCoefs& k) {
+    const Vec d = xv - mean;
+    const Vec gp = act_grad_times<ACT>(at::vec::fmadd(d, k.z.a1, k.z.b), gv, slope);
+    return at::vec::fmadd(gp, k.k1, at::vec::fmadd(d, vk2, vk3));
+  };
+  const int64_t offset = (n * ctx.C + c_begin) * ctx.S;
+  if (flat_walk_fits<scalar_t>(ctx.S)) {
+    map_rows<2>(ctx.x + offset, ctx.grad + offset, ctx.dx + offset, c_end - c_begin, ctx.S,
+                coefs_of, dx_of);
+    return;
+  }
+  for (int64_t r = 0; r < c_end - c_begin; ++r) {
+    const DxCoefs k = coefs_of(r);
+    const int64_t row = offset + r * ctx.S;
+    map2(ctx.x + row, ctx.grad + row, ctx.dx + row, ctx.S,
+         [&](const Vec& xv, const Vec& gv, int64_t) { return dx_of(xv, gv, k); });
+  }
 }
 
 template <int ACT, bool PROXY, typename scalar_t>
@@ -229,7 +311,7 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
         rows_partials<ACT, PROXY>(ctx, ng, ng * CPG, (ng + 1) * CPG);
         const auto [sa, sb] = ctx.group_sums(ng);
         const auto [k2, k3] = ctx.dx_group_coefficients(ng, sa, sb);
-        for (int64_t c = g * CPG; c < (g + 1) * CPG; ++c) dx_row<ACT>(ctx, ng, n, c, k2, k3);
+        dx_rows<ACT>(ctx, ng, n, g * CPG, (g + 1) * CPG, k2, k3);
       }
     });
     return;
@@ -250,10 +332,12 @@ void backward_contiguous(const BackwardContext<scalar_t>& ctx) {
     coefficients[ng] = ctx.dx_group_coefficients(ng, sa, sb);
   }
   parallel_phase("fusednorm_cpu::backward_dx", 0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / ctx.C, c = row % ctx.C, ng = n * ctx.G + c / CPG;
+    // Runs of rows within one group.
+    for (int64_t row = begin; row < end;) {
+      const int64_t ng = row / CPG, run_end = std::min(end, (ng + 1) * CPG);
       const auto [k2, k3] = coefficients[ng];
-      dx_row<ACT>(ctx, ng, n, c, k2, k3);
+      dx_rows<ACT>(ctx, ng, row / ctx.C, row % ctx.C, row % ctx.C + (run_end - row), k2, k3);
+      row = run_end;
     }
   });
 }

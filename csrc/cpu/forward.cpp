@@ -138,18 +138,38 @@ struct ForwardContext {
   }
 };
 
-// y[0, S) of row (n, c) of group ng: y = s_c * act((x - mean) * gamma_c * rstd + beta_c) - s_c m_c.
-// (x - mean) * (gamma * rstd) rather than a folded A * x + B: no cancellation on offset data.
+// Rows c_begin .. c_end - 1 of sample n, all in group ng:
+// y = s_c * act((x - mean) * gamma_c * rstd + beta_c) - s_c m_c. (x - mean) * (gamma * rstd)
+// rather than a folded A * x + B: no cancellation on offset data. Rows shorter than a step one by
+// one, longer ones as one flat walk (map_rows).
 template <int ACT, typename scalar_t, typename acc_t = acc_type<scalar_t>>
-void apply_row(const ForwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c) {
+void apply_rows(const ForwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_t c_begin,
+                int64_t c_end) {
   using Vec = Vectorized<acc_t>;
-  const Vec mean(ctx.mean[ng]), a1(ctx.weight[c] * ctx.rstd[ng]), b(ctx.bias[c]);
-  const Vec scale(ctx.out_scale(c)), out_offset(ctx.out_offset(c)), slope(ctx.slope);
-  const int64_t offset = (n * ctx.C + c) * ctx.S;
-  map1(ctx.x + offset, ctx.y + offset, ctx.S, [&](const Vec& v, int64_t) {
-    return at::vec::fmsub(act_value_vec<ACT>(at::vec::fmadd(v - mean, a1, b), slope), scale,
-                          out_offset);
-  });
+  const Vec mean(ctx.mean[ng]), slope(ctx.slope);
+  struct RowCoefs {
+    Vec a1, b, scale, out_offset;
+  };
+  const auto coefs_of = [&](int64_t r) {
+    const int64_t c = c_begin + r;
+    return RowCoefs{Vec(ctx.weight[c] * ctx.rstd[ng]), Vec(ctx.bias[c]), Vec(ctx.out_scale(c)),
+                    Vec(ctx.out_offset(c))};
+  };
+  const auto y_of = [&](const Vec& v, const Vec&, const RowCoefs& k) {
+    return at::vec::fmsub(act_value_vec<ACT>(at::vec::fmadd(v - mean, k.a1, k.b), slope), k.scale,
+                          k.out_offset);
+  };
+  const int64_t offset = (n * ctx.C + c_begin) * ctx.S;
+  if (flat_walk_fits<scalar_t>(ctx.S)) {
+    map_rows<1>(ctx.x + offset, ctx.x + offset, ctx.y + offset, c_end - c_begin, ctx.S, coefs_of,
+                y_of);
+    return;
+  }
+  for (int64_t r = 0; r < c_end - c_begin; ++r) {
+    const RowCoefs k = coefs_of(r);
+    map1(ctx.x + offset + r * ctx.S, ctx.y + offset + r * ctx.S, ctx.S,
+         [&](const Vec& v, int64_t) { return y_of(v, v, k); });
+  }
 }
 
 template <int ACT, typename scalar_t>
@@ -169,7 +189,7 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
             0, chunks, [&](int64_t k) { return stats_of_chunk(ng, k); });
         finish_stats(state, shift_of(ng), ctx.eps, ctx.mean + ng, ctx.rstd + ng);
         const int64_t n = ng / ctx.G, g = ng % ctx.G;
-        for (int64_t c = g * ctx.CPG; c < (g + 1) * ctx.CPG; ++c) apply_row<ACT>(ctx, ng, n, c);
+        apply_rows<ACT>(ctx, ng, n, g * ctx.CPG, (g + 1) * ctx.CPG);
       }
     });
     return;
@@ -187,9 +207,12 @@ void forward_contiguous(const ForwardContext<scalar_t>& ctx) {
   const int64_t grain = std::max<int64_t>(1, kChunk / ctx.S);
   parallel_phase("fusednorm_cpu::forward_apply", 0, ctx.N * ctx.C, grain,
                  [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / ctx.C, c = row % ctx.C;
-      apply_row<ACT>(ctx, n * ctx.G + c / ctx.CPG, n, c);
+    // Runs of rows within one group.
+    for (int64_t row = begin; row < end;) {
+      const int64_t ng = row / ctx.CPG, run_end = std::min(end, (ng + 1) * ctx.CPG);
+      const int64_t n = row / ctx.C;
+      apply_rows<ACT>(ctx, ng, n, row % ctx.C, row % ctx.C + (run_end - row));
+      row = run_end;
     }
   });
 }
