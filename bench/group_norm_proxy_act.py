@@ -40,6 +40,14 @@ from pathlib import Path
 # time depended on its allocations. c10 reads this at its first allocation: before torch is
 # imported. THP_MEM_ALLOC_ENABLE=0 in the environment turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# torch.compile's on-disk cache does not tell ATen's instruction sets apart: after a run under
+# ATEN_CPU_CAPABILITY=avx2 (the README's AVX2 runs), a later run without it loaded the cached
+# bf16 channels-last reference-compiled kernels and aborted ("double free or corruption";
+# torch 2.13.0+cpu, Intel Xeon with AVX512-BF16). A lowered capability gets a cache of its own.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
