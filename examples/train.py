@@ -36,6 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fusednorm.info import cpu_model
 from fusednorm.models import NORMS, resnet_v2
 
 DATASETS = ("mnist5k", "digits")
@@ -181,18 +182,6 @@ def plot(summary, norms, batch_sizes, title, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cpu_model():
-    """The CPU's model name (Linux), else the platform's processor field."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_results(prefix, args, runs, finished, wall_seconds):

@@ -8,6 +8,19 @@ import torch
 from . import ops
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor field: the host every CPU
+    number is reported with."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def info() -> dict:
     """Versions, the backends that can run here, the CPU kernels' instruction set and the GPU."""
     try:

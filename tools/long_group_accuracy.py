@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+sys.path.insert(0, str(ROOT))
 import fusednorm  # noqa: E402
-from harness.report import cpu_model  # noqa: E402
-from fusednorm.info import info  # noqa: E402
+from fusednorm.info import cpu_model, info  # noqa: E402
 
 GRADIENTS = ("y", "dx", "dweight", "dbias")
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import fusednorm
+from fusednorm.info import cpu_model
 
 from harness.cases import MODES, REPO_ROOT, ROOFLINE_FACTOR
 from harness.providers import PROVIDERS
@@ -170,16 +171,6 @@ def git_commit() -> dict:
     # Results written by earlier runs (bench/results/) are not changes to what is measured.
     changes = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changes)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_slug(device) -> str:

@@ -407,20 +407,6 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     };
     for_each_row_strip<Strip>(rows, C, partials_strip);
   };
-  // The sums of rows first .. last - 1 of sample n into total, block by block, the blocks added
-  // pairwise.
-  auto partials_blocks = [&](int64_t n, int64_t first, int64_t last, acc_t* total,
-                             const acc_t* mean, const acc_t* a1, const acc_t* bias_c,
-                             PairwiseBlocks<acc_t>& block_sums) {
-    const AddSums<acc_t> add{kSums * P};
-    block_sums.reset();
-    for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
-      const int64_t rows = std::min(tiling.block_rows, last - s0);
-      partials_block(n, s0, rows, block_sums.start_block(), mean, a1, bias_c);
-      block_sums.finish_block(rows, add);
-    }
-    block_sums.result(total, add);
-  };
   // Raw sums per task and channel (kSums planes of P): each block of rows accumulated row by
   // row, the blocks added pairwise. Lanes past C see zero data and zero constants: they sum zeros.
   std::vector<acc_t> task_sums(tasks * kSums * P);
@@ -432,12 +418,12 @@ void backward_channels_last(const BackwardContext<scalar_t>& ctx) {
     fill_channel_stats(ctx.mean, ctx.rstd, ctx.weight, n, G, CPG, mean, a1);
     acc_t* total = task_sums.data() + task * kSums * P;
     const auto [first, last] = task_rows(task);
-    if (last - first <= tiling.block_rows) {  // one block (7x7): straight into the task's sums
-      std::fill(total, total + kSums * P, acc_t(0));
-      partials_block(n, first, last - first, total, mean, a1, bias_c);
-    } else {
-      partials_blocks(n, first, last, total, mean, a1, bias_c, buffers.block_sums);
-    }
+    buffers.block_sums.merge_blocks(
+        first, last, tiling.block_rows, total,
+        [&](acc_t* block, int64_t s0, int64_t rows) {
+          partials_block(n, s0, rows, block, mean, a1, bias_c);
+        },
+        AddSums<acc_t>{kSums * P});
     // For ReLU-like activations sum g * act(z) follows from two other sums (act(z) = z act'(z)).
     if constexpr (PROXY && kActIsHomogeneous<ACT>) {
       for (int64_t c = 0; c < P; c += Vec::size()) {

@@ -342,17 +342,12 @@ void forward_channels_last(const ForwardContext<scalar_t>& ctx) {
       std::fill(shift + g * CPG, shift + (g + 1) * CPG, shift_of(n, g));
     }
     const auto [first, last] = task_rows(task);
-    if (last - first <= tiling.block_rows) {  // one block (7x7): straight into the task's state
-      block_stats(ctx.x + (n * S + first) * C, last - first, shift, task_mean, buffers);
-    } else {
-      buffers.blocks.reset();
-      for (int64_t s0 = first; s0 < last; s0 += tiling.block_rows) {
-        const int64_t rows = std::min(tiling.block_rows, last - s0);
-        block_stats(ctx.x + (n * S + s0) * C, rows, shift, buffers.blocks.start_block(), buffers);
-        buffers.blocks.finish_block(rows, chan_merge);
-      }
-      buffers.blocks.result(task_mean, chan_merge);
-    }
+    buffers.blocks.merge_blocks(
+        first, last, tiling.block_rows, task_mean,
+        [&](acc_t* block, int64_t s0, int64_t rows) {
+          block_stats(ctx.x + (n * S + s0) * C, rows, shift, block, buffers);
+        },
+        chan_merge);
     // Each group's state over this task from its channels' states (equal counts).
     const int64_t task_count = last - first;
     MergedState* group_states = states.data() + task * G;

@@ -105,6 +105,26 @@ class PairwiseBlocks {
     ++count_;
   }
 
+  // The state of rows [first, last) into out (width values): fill(block, s0, rows) writes the
+  // state of rows s0 .. s0 + rows - 1 into a zeroed array, block by block of block_rows, the
+  // blocks merged pairwise; a single block (7x7: 49 rows) goes straight into out.
+  template <typename Fill, typename Merge>
+  void merge_blocks(int64_t first, int64_t last, int64_t block_rows, acc_t* out, const Fill& fill,
+                    const Merge& merge) {
+    if (last - first <= block_rows) {
+      std::fill(out, out + width_, acc_t(0));
+      fill(out, first, last - first);
+      return;
+    }
+    reset();
+    for (int64_t s0 = first; s0 < last; s0 += block_rows) {
+      const int64_t rows = std::min(block_rows, last - s0);
+      fill(start_block(), s0, rows);
+      finish_block(rows, merge);
+    }
+    result(out, merge);
+  }
+
   // The merge of every finished block, earliest rows first, into out.
   template <typename Merge>
   void result(acc_t* out, const Merge& merge) const {
