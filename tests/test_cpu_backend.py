@@ -151,6 +151,11 @@ SUBPROCESS_CHECK = textwrap.dedent("""
             check_against_reference("cpu", (2, 6, length), 2, activation="gelu", dtype=dtype)
     # 3 groups on 2 threads: the statistics, then the rows in runs within a group.
     check_against_reference("cpu", (1, 9, 49), 3, activation="relu", dtype=torch.bfloat16)
+    # Channels-last in blocks of 512 channels: two whole blocks and a partial one, groups across
+    # block boundaries (130 channels each).
+    for dtype in (torch.float32, torch.bfloat16):
+        check_against_reference("cpu", (2, 1040, 3, 3), 8, activation="silu", dtype=dtype,
+                                channels_last=True)
 """)
 
 
@@ -194,6 +199,14 @@ def test_long_groups_as_accurate_as_torch_group_norm(data, layout):
     out = fusednorm.group_norm_act(x, 2, activation="identity", backend="cpu")
     error = (out.double() - exact).abs().max().item()
     assert error <= 2 * torch_error, f"max error {error:.2e}, F.group_norm's {torch_error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_channels_last_in_blocks_of_channels(dtype):
+    """The channels-last passes walk 512 channels at a time: two whole blocks and a partial one,
+    groups of 130 channels across the block boundaries, against the reference."""
+    check_against_reference("cpu", (2, 1040, 3, 3), 8, activation="silu", dtype=dtype,
+                            channels_last=True)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -396,8 +396,8 @@ inline void map2(const scalar_t* p, const scalar_t* q, scalar_t* out, int64_t le
 // 7x7 row (49 values) is 49/16 steps of 16 bf16 values instead of 3 plus a masked one, whose
 // partial loads and stores cost more than a whole step (AVX2 bf16, one thread, per-row walk:
 // forward 509 us at 8x2048x7x7 against 398 us at 8x2048x48, backward 703 against 463; flat, the
-// 7x7 fwd+bwd with PN at 2 threads went from 0.89x native GN+ReLU to 1.13x in
-// bench/results/cpu-2c-quick-20261203-2136). A step that straddles rows r and r + 1 is
+// 7x7 fwd+bwd with PN at 2 threads went from 0.89x native GN+ReLU to 1.15x in
+// bench/results/cpu-2c-quick-20261203-2236). A step that straddles rows r and r + 1 is
 // computed with the coefficients of each (coefs_of(r), any copyable type) and its lanes taken
 // from their own row's result. Needs S >= kStep, so that a step spans at most two rows; only
 // the run's last partial step is masked.
@@ -656,28 +656,34 @@ struct ChannelStrip {
   }
 };
 
-// f(c0, width) for each strip of channels [c0, c0 + width) of C, in order; for a full strip (all
-// but a partial last one) the width is a compile-time constant, so that the loads and stores of
-// f's row loop test nothing per row (a generic f is compiled once per kind of width).
-template <typename Strip, typename F>
-C10_ALWAYS_INLINE void for_each_strip(int64_t C, const F& f) {
-  for (int64_t c0 = 0; c0 < C; c0 += Strip::kWidth) {
-    if (C - c0 >= Strip::kWidth) {
-      f(c0, std::integral_constant<int64_t, Strip::kWidth>{});
-    } else {
-      f(c0, C - c0);
-    }
-  }
-}
+// Channels-last walks take the channels in blocks of this many, so that the per-channel
+// constants and sums of a block (5-6 arrays of fp32) stay in L1 while its rows stream through:
+// with C = 2048 they were 40-48 KB, evicted by the data. AVX2 bf16 8x2048x7x7 channels-last
+// fwd+bwd (GN+PN+ReLU, forced AVX2 on Intel, tools/cpu_phases.py, 2 runs x 2 group counts):
+// backward phase 0.32-0.36 -> 0.29-0.32 ms, 0.91-1.03x -> 0.99-1.07x native GN+ReLU; blocks
+// of 256 channels took fp32 14x14 and 28x28 from 2.7x/4.1x to 2.3-2.5x/3.5x native, 512 left
+// them unchanged. Wider strips than the block would break the static_assert below.
+constexpr int64_t kChannelBlock = 512;
 
 // f(offset, c0, width) for each row r < rows (C elements apart) and each strip of channels
-// [c0, c0 + width) in it, in memory order; offset = r * C + c0 is the strip's first element.
+// [c0, c0 + width) in it, block of channels by block, each block's rows in memory order;
+// offset = r * C + c0 is the strip's first element. Each channel sees its rows in order. For a
+// full strip (all but a partial last one) the width is a compile-time constant, so that f's
+// loads and stores test nothing (a generic f is compiled once per kind of width).
 template <typename Strip, typename F>
 C10_ALWAYS_INLINE void for_each_row_strip(int64_t rows, int64_t C, const F& f) {
-  for (int64_t r = 0, row = 0; r < rows; ++r, row += C) {
-    for_each_strip<Strip>(C, [&](int64_t c0, auto width) C10_ALWAYS_INLINE_ATTRIBUTE {
-      f(row + c0, c0, width);
-    });
+  static_assert(kChannelBlock % Strip::kWidth == 0);
+  for (int64_t block = 0; block < C; block += kChannelBlock) {
+    const int64_t block_end = std::min(C, block + kChannelBlock);
+    for (int64_t r = 0, row = 0; r < rows; ++r, row += C) {
+      for (int64_t c0 = block; c0 < block_end; c0 += Strip::kWidth) {
+        if (C - c0 >= Strip::kWidth) {
+          f(row + c0, c0, std::integral_constant<int64_t, Strip::kWidth>{});
+        } else {
+          f(row + c0, c0, C - c0);
+        }
+      }
+    }
   }
 }
 
