@@ -157,16 +157,11 @@ C10_ALWAYS_INLINE PieceSums<Vectorized<acc_t>> piece_sums(const BackwardContext<
   const Vec mean(ctx.mean[ng]), slope(ctx.slope);
   const auto k = row_coefs(ctx, ng, c);
   PieceSums<Vec> sums;
-  reduce2(ctx.x + offset, ctx.grad + offset, len,
-          [&](const Vec& xv, const Vec& gv, int64_t valid, int64_t) {
-            if (valid < Vec::size()) {
-              const Vec mask = StepLanes<Vec, 1>(valid).before[0];
-              add_piece<ACT, PROXY>(sums, xv, gv, mean, k, slope, &mask);
-            } else {
-              const Vec* all_lanes = nullptr;
-              add_piece<ACT, PROXY>(sums, xv, gv, mean, k, slope, all_lanes);
-            }
-          });
+  reduce_rows<PieceSums<Vec>>(  // one row of len elements
+      ctx.x + offset, ctx.grad + offset, 1, len, [&](int64_t) { return k; },
+      [&](PieceSums<Vec>& into, const Vec& xv, const Vec& gv, const RowCoefs<Vec>& coefs,
+          const Vec* mask) { add_piece<ACT, PROXY>(into, xv, gv, mean, coefs, slope, mask); },
+      [&](int64_t, const PieceSums<Vec>& row_sums) { sums = row_sums; });
   finish_piece<ACT, PROXY>(sums, k);
   return sums;
 }
@@ -291,11 +286,10 @@ void dx_rows(const BackwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int64_
                 coefs_of, dx_of);
     return;
   }
-  for (int64_t r = 0; r < c_end - c_begin; ++r) {
-    const DxCoefs k = coefs_of(r);
+  for (int64_t r = 0; r < c_end - c_begin; ++r) {  // one row per walk
     const int64_t row = offset + r * ctx.S;
-    map2(ctx.x + row, ctx.grad + row, ctx.dx + row, ctx.S,
-         [&](const Vec& xv, const Vec& gv, int64_t) { return dx_of(xv, gv, k); });
+    map_rows<2>(ctx.x + row, ctx.grad + row, ctx.dx + row, 1, ctx.S,
+                [&](int64_t) { return coefs_of(r); }, dx_of);
   }
 }
 

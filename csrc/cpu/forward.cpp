@@ -175,10 +175,10 @@ void apply_rows(const ForwardContext<scalar_t>& ctx, int64_t ng, int64_t n, int6
                 y_of);
     return;
   }
-  for (int64_t r = 0; r < c_end - c_begin; ++r) {
-    const RowCoefs k = coefs_of(r);
-    map1(ctx.x + offset + r * ctx.S, ctx.y + offset + r * ctx.S, ctx.S,
-         [&](const Vec& v, int64_t) { return y_of(v, v, k); });
+  for (int64_t r = 0; r < c_end - c_begin; ++r) {  // one row per walk
+    const int64_t row = offset + r * ctx.S;
+    map_rows<1>(ctx.x + row, ctx.x + row, ctx.y + row, 1, ctx.S,
+                [&](int64_t) { return coefs_of(r); }, y_of);
   }
 }
 

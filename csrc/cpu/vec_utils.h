@@ -174,7 +174,7 @@ struct AddSums {
 //   fp32 7.49 -> 6.14 / 3.78 -> 3.08; NCHW bf16 3.21-3.24 -> 2.95-3.06 / 1.87-1.89 -> 1.70-1.73,
 //   fp32 5.67 -> 5.10 / 3.11 -> 2.74.
 // 2 KB ahead gained a little less; 14x14 and 7x7 unchanged or faster. A read prefetch in the
-// NCHW second passes (map1, map2: data in L2) made no difference, so they do without; the
+// NCHW second passes (map_rows: data in L2) made no difference, so they do without; the
 // channels-last strips prefetch their loads in both passes. Prefetches past the end of the data
 // never fault.
 constexpr int64_t kPrefetchBytes = 4096;
@@ -313,84 +313,6 @@ inline void reduce1(const scalar_t* p, int64_t len, const F& f) {
   }
 }
 
-// f(x, g, valid, offset) over two arrays of the same length.
-template <typename scalar_t, typename F>
-inline void reduce2(const scalar_t* p, const scalar_t* q, int64_t len, const F& f) {
-  using IO = Io<scalar_t>;
-  using Vec = typename IO::Vec;
-  Vec v[IO::kParts], w[IO::kParts];
-  int64_t i = 0;
-  for (; i + IO::kStep <= len; i += IO::kStep) {
-    prefetch_ahead(p + i);
-    prefetch_ahead(q + i);
-    IO::load(p + i, v);
-    IO::load(q + i, w);
-    for (int part = 0; part < IO::kParts; ++part) {
-      f(v[part], w[part], Vec::size(), i + part * Vec::size());
-    }
-  }
-  if (i < len) {
-    IO::load(p + i, len - i, v);
-    IO::load(q + i, len - i, w);
-    for (int part = 0; part < IO::kParts; ++part) {
-      const int64_t valid = valid_lanes<Vec>(len - i, part);
-      if (valid > 0) {
-        f(Vec::set(Vec(0), v[part], valid), Vec::set(Vec(0), w[part], valid), valid,
-          i + part * Vec::size());
-      }
-    }
-  }
-}
-
-// out[i] = f(p[i], offset) elementwise, vector by vector.
-template <typename scalar_t, typename F>
-inline void map1(const scalar_t* p, scalar_t* out, int64_t len, const F& f) {
-  using IO = Io<scalar_t>;
-  using Vec = typename IO::Vec;
-  Vec v[IO::kParts];
-  int64_t i = 0;
-  for (; i + IO::kStep <= len; i += IO::kStep) {
-    IO::load(p + i, v);
-    for (int part = 0; part < IO::kParts; ++part) v[part] = f(v[part], i + part * Vec::size());
-    prefetch_write_ahead(out + i);
-    IO::store(out + i, v);
-  }
-  if (i < len) {
-    IO::load(p + i, len - i, v);
-    // Parts past the data are not computed (a 7x7 row ends in 1 value: half the tail's work).
-    for (int part = 0; part < IO::kParts && part * Vec::size() < len - i; ++part) {
-      v[part] = f(v[part], i + part * Vec::size());
-    }
-    IO::store(out + i, len - i, v);
-  }
-}
-
-// out[i] = f(p[i], q[i], offset).
-template <typename scalar_t, typename F>
-inline void map2(const scalar_t* p, const scalar_t* q, scalar_t* out, int64_t len, const F& f) {
-  using IO = Io<scalar_t>;
-  using Vec = typename IO::Vec;
-  Vec v[IO::kParts], w[IO::kParts];
-  int64_t i = 0;
-  for (; i + IO::kStep <= len; i += IO::kStep) {
-    IO::load(p + i, v);
-    IO::load(q + i, w);
-    for (int part = 0; part < IO::kParts; ++part) {
-      v[part] = f(v[part], w[part], i + part * Vec::size());
-    }
-    prefetch_write_ahead(out + i);
-    IO::store(out + i, v);
-  }
-  if (i < len) {
-    IO::load(p + i, len - i, v);
-    IO::load(q + i, len - i, w);
-    for (int part = 0; part < IO::kParts && part * Vec::size() < len - i; ++part) {
-      v[part] = f(v[part], w[part], i + part * Vec::size());
-    }
-    IO::store(out + i, len - i, v);
-  }
-}
-
 // Runs of NCHW rows (rows of S elements one after another in memory) walked as one flat array
 // in whole steps of Io::kStep elements, where a per-row walk ends each row in a masked step: a
 // 7x7 row (49 values) is 49/16 steps of 16 bf16 values instead of 3 plus a masked one, whose
@@ -399,8 +321,8 @@ inline void map2(const scalar_t* p, const scalar_t* q, scalar_t* out, int64_t le
 // 7x7 fwd+bwd with PN at 2 threads went from 0.89x native GN+ReLU to 1.15x in
 // bench/results/cpu-2c-quick-20261203-2236). A step that straddles rows r and r + 1 is
 // computed with the coefficients of each (coefs_of(r), any copyable type) and its lanes taken
-// from their own row's result. Needs S >= kStep, so that a step spans at most two rows; only
-// the run's last partial step is masked.
+// from their own row's result. Needs S >= kStep, so that a step spans at most two rows (a run
+// of one row takes any S); only the run's last partial step is masked.
 template <typename scalar_t>
 constexpr bool flat_walk_fits(int64_t S) {
   return S >= Io<scalar_t>::kStep;
